@@ -1,0 +1,335 @@
+"""The pipeline definition: one validated pydantic model.
+
+The same model backs the YAML file, the Python API (``Pipeline(...)``) and the Prefect
+parameter form of the ``sharded-pipeline`` flow, so a field means the same thing everywhere.
+
+``${VAR}`` in a string is read from the environment. In ``storage_options`` the reference is
+kept as written and resolved only where a filesystem is opened (see ``storage.py``), so
+credentials never travel in flow-run parameters, logs or fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "PipelineConfig",
+    "SourceConfig",
+    "ShardingConfig",
+    "BatchingConfig",
+    "SinkConfig",
+    "CheckpointConfig",
+    "RunnerConfig",
+    "load_config",
+    "parse_config",
+    "validate_run_key",
+    "parse_bytes",
+    "redact",
+]
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+_RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,127}$")
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3,
+}
+
+
+def parse_bytes(value: int | str) -> int:
+    """Parse ``64MiB``, ``100MB``, ``1_000_000`` or an int into a number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64MiB")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9_.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; use bytes or a unit such as 64MiB or 500MB")
+    return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` in every string of ``value`` (recursively) from the environment."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise ConfigError(
+                    f"{where or 'config'}: environment variable {name} is not set",
+                    field=where or None,
+                    key=name,
+                )
+            return os.environ[name]
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _expand_except_storage(value: Any, where: str = "") -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (v if k == "storage_options" else _expand_except_storage(v, f"{where}.{k}" if where else k))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand_except_storage(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return expand_env(value, where)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with secret-looking entries of dicts replaced by ``***``."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            lk = str(k).lower()
+            if isinstance(v, str) and any(w in lk for w in _SECRET_WORDS) and not _ENV_RE.fullmatch(v):
+                out[k] = "***"
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def validate_run_key(run_key: str) -> str:
+    if not isinstance(run_key, str) or not _RUN_KEY_RE.match(run_key) or ".." in run_key:
+        raise ConfigError(
+            f"run key {run_key!r} is not allowed: use 1-128 characters from letters, digits and "
+            "_ . : = + -, starting with a letter or digit, without '..'",
+            field="run_key",
+        )
+    return run_key
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Model):
+    """Where the input is and how to read it."""
+
+    format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    path: str = Field(description="A file, folder or glob; any fsspec URL or a local path.")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ShardingConfig(_Model):
+    """How input rows are split into shards; one Prefect task run per shard."""
+
+    strategy: Literal["files", "hash", "range", "time", "custom"] = "files"
+    key: str | None = Field(None, description="Column for hash, range and time.")
+    shards: int | None = Field(None, ge=1, le=100_000, description="Number of hash shards (default 8).")
+    boundaries: list[float | int | str] | None = Field(
+        None, description="Range: n sorted boundaries make n+1 shards."
+    )
+    every: str | None = Field(None, description="Time: a fixed pandas frequency such as 1D, 6h, 15min.")
+    start: str | None = Field(None, description="Time: first bucket start; earlier rows are out of range.")
+    end: str | None = Field(None, description="Time: end (exclusive); later rows are out of range.")
+    function: str | None = Field(None, description="Custom: module:function, DataFrame -> shard ids.")
+    catch_all: bool = Field(
+        False,
+        description="Send rows with a null key or outside every range/time shard to one extra shard "
+        "instead of failing.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardingConfig":
+        s = self.strategy
+        if s in ("hash", "range", "time") and not self.key:
+            raise ValueError(f"sharding.key is required for strategy {s!r}")
+        if s == "hash" and self.shards is None:
+            self.shards = 8
+        if s == "range":
+            if not self.boundaries:
+                raise ValueError("sharding.boundaries is required for strategy 'range'")
+            try:
+                ordered = all(a < b for a, b in zip(self.boundaries, self.boundaries[1:]))
+            except TypeError:
+                raise ValueError("sharding.boundaries must all be of one type") from None
+            if not ordered:
+                raise ValueError("sharding.boundaries must be strictly increasing")
+        if s == "time":
+            if not self.every:
+                raise ValueError("sharding.every is required for strategy 'time' (e.g. 1D, 6h)")
+            import pandas as pd
+
+            try:
+                td = pd.Timedelta(self.every)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"sharding.every {self.every!r} is not a fixed frequency; use e.g. 1D, 6h, 15min"
+                ) from None
+            if td <= pd.Timedelta(0):
+                raise ValueError("sharding.every must be positive")
+            for name in ("start", "end"):
+                v = getattr(self, name)
+                if v is not None:
+                    try:
+                        pd.Timestamp(v)
+                    except (ValueError, TypeError):
+                        raise ValueError(f"sharding.{name} {v!r} is not a timestamp") from None
+        if s == "custom" and not self.function:
+            raise ValueError("sharding.function is required for strategy 'custom' (module:function)")
+        return self
+
+    @property
+    def keyed(self) -> bool:
+        """True when rows must be regrouped (one shuffle pass) before shards run."""
+        return self.strategy != "files"
+
+
+class BatchingConfig(_Model):
+    """How a shard's rows are cut into batches; each batch is written and checkpointed once."""
+
+    rows: int = Field(100_000, ge=1, description="Rows per batch.")
+    max_bytes: int = Field(64 * 1024**2, ge=1024, description="A batch never exceeds this in memory.")
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int:
+        return parse_bytes(v)
+
+
+class SinkConfig(_Model):
+    """Where the output goes. ``path`` may contain ``{run_key}``."""
+
+    format: Literal["parquet", "csv", "jsonl"] = "parquet"
+    path: str
+    partition_by: list[str] = Field(default_factory=list)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    def resolved_path(self, run_key: str) -> str:
+        return self.path.replace("{run_key}", run_key)
+
+
+class CheckpointConfig(_Model):
+    """Where per-shard progress (and shuffle staging data) is kept."""
+
+    path: str = "./.dpipeline/checkpoints/"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunnerConfig(_Model):
+    """Where shards execute."""
+
+    kind: Literal["dask", "threads"] = "dask"
+    workers: int | None = Field(None, ge=1, description="Local Dask cluster size; default: CPU cores.")
+    threads_per_worker: int = Field(1, ge=1)
+    address: str | None = Field(None, description="tcp://host:8786 to use an existing Dask cluster.")
+
+
+class PipelineConfig(_Model):
+    """A whole pipeline: source -> sharding -> batching -> transforms -> sink, with checkpoints."""
+
+    name: str
+    source: SourceConfig
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    transforms: list[str] = Field(default_factory=list, description="module:function import paths.")
+    sink: SinkConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or len(v) > 100:
+            raise ValueError("name must match [a-z0-9_-]+ (at most 100 characters)")
+        return v
+
+    @field_validator("transforms")
+    @classmethod
+    def _transforms(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", t):
+                raise ValueError(f"transform {t!r} must be an import path module:function")
+        return v
+
+    def fingerprints(self) -> dict[str, str]:
+        """Content hashes of the parts whose change invalidates existing checkpoints.
+
+        Storage options (credentials) are left out on purpose: rotating a key must not
+        invalidate a run.
+        """
+        parts = {
+            "source": {"format": self.source.format, "path": self.source.path},
+            "sharding": self.sharding.model_dump(mode="json"),
+            "transforms": list(self.transforms),
+            "sink": {
+                "format": self.sink.format,
+                "path": self.sink.path,
+                "partition_by": list(self.sink.partition_by),
+            },
+        }
+        return {
+            k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for k, v in parts.items()
+        }
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            model: type[BaseModel] = PipelineConfig
+            for part in e["loc"][:-1]:
+                field = model.model_fields.get(str(part))
+                ann = getattr(field, "annotation", None) if field else None
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    model = ann
+            allowed = ", ".join(model.model_fields)
+            msg = f"unknown field; allowed here: {allowed}"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return f"{origin}: invalid pipeline definition\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict[str, Any], origin: str = "pipeline") -> PipelineConfig:
+    """Validate a mapping into a :class:`PipelineConfig`, raising one clear :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand_except_storage(data)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]["loc"] if e.errors() else ()
+        raise ConfigError(
+            _format_validation_error(e, origin), field=".".join(map(str, first)) or None
+        ) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read and validate a pipeline YAML file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file {str(p)!r} does not exist", path=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}", path=str(p)) from None
+    return parse_config(data, origin=str(p))

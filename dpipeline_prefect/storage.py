@@ -1,0 +1,228 @@
+"""The fsspec bridge: every storage is a URL plus ``storage_options``.
+
+What this adds on top of fsspec, and why:
+
+* ``${VAR}`` references in storage_options are resolved here, at the moment a filesystem is
+  opened, so credentials never sit in flow parameters or fingerprints.
+* :func:`atomic_write` - readers never see half an object. On object stores a PUT is atomic;
+  on local disk we write a temporary sibling and ``os.replace`` it.
+* :func:`translate_errors` - botocore / s3fs / OS errors become our errors with the path named
+  and no credential in the text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .config import expand_env
+from .errors import (
+    DPipelineError,
+    SourceError,
+    StorageError,
+    StoragePermissionError,
+    StorageUnavailableError,
+)
+
+__all__ = ["Storage", "open_storage", "atomic_write", "translate_errors", "join"]
+
+
+def join(*parts: str) -> str:
+    """Join path parts with ``/`` (all fsspec paths use forward slashes)."""
+    out = parts[0].rstrip("/")
+    for p in parts[1:]:
+        if p:
+            out = out + "/" + p.strip("/")
+    return out
+
+
+class Storage:
+    """A filesystem plus the root path under it, opened from a URL and storage_options.
+
+    ``root`` is the path in the filesystem's own form (no protocol for s3fs: ``bucket/key``).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self._options = dict(storage_options or {})
+        with translate_errors(url):
+            options = expand_env(self._options, "storage_options")
+            self.fs, root = url_to_fs(url, **options)
+        self.root = root.rstrip("/") if root not in ("/",) else root
+        protocol = self.fs.protocol
+        self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        self.is_local = self.protocol in ("file", "local")
+
+    # picklable: rebuilt (and env re-read) in the worker process
+    def __reduce__(self):
+        return (Storage, (self.url, self._options))
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts) if parts else self.root
+
+    def unstrip(self, path: str) -> str:
+        """A full URL for ``path`` (as fsspec returns it), for messages and readers."""
+        return self.fs.unstrip_protocol(path)
+
+    def exists(self, path: str) -> bool:
+        with translate_errors(path):
+            return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with translate_errors(path):
+            return self.fs.cat_file(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        atomic_write(self, path, data)
+
+    def find(self, path: str, withdirs: bool = False) -> list[str]:
+        with translate_errors(path):
+            try:
+                return sorted(self.fs.find(path, withdirs=withdirs))
+            except FileNotFoundError:
+                return []
+
+    def ls(self, path: str) -> list[str]:
+        with translate_errors(path):
+            try:
+                return sorted(self.fs.ls(path, detail=False))
+            except FileNotFoundError:
+                return []
+
+    def rm(self, path: str, recursive: bool = False) -> None:
+        with translate_errors(path):
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+    def rm_many(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        with translate_errors(paths[0]):
+            try:
+                self.fs.rm(paths)
+            except FileNotFoundError:
+                for p in paths:
+                    self.rm(p)
+
+    def makedirs(self, path: str) -> None:
+        if self.is_local:
+            os.makedirs(path, exist_ok=True)
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any):
+        with translate_errors(path):
+            if "w" in mode:
+                self.makedirs(posixpath.dirname(path))
+            return self.fs.open(path, mode, **kwargs)
+
+    def size(self, path: str) -> int:
+        with translate_errors(path):
+            return int(self.fs.size(path))
+
+    def probe(self) -> None:
+        """Write, read and delete a small object under the root; raise a clear error if any fails."""
+        p = self.path(f"_dpipeline_probe_{uuid.uuid4().hex}")
+        self.write_bytes(p, b"probe")
+        if self.read_bytes(p) != b"probe":
+            raise StorageError(f"{self.unstrip(p)}: read back different bytes", path=p)
+        self.rm(p)
+
+
+def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    return Storage(url, storage_options)
+
+
+def atomic_write(storage: Storage, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` so that no reader ever sees a partial object."""
+    with translate_errors(path):
+        if storage.is_local:
+            d = os.path.dirname(path)
+            os.makedirs(d, exist_ok=True)
+            tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            storage.fs.pipe_file(path, data)
+
+
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
+_PERMISSION_CODES = {
+    "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "403", "Forbidden",
+    "InvalidToken", "ExpiredToken",
+}
+
+
+def _classify(exc: BaseException, path: str) -> DPipelineError | None:
+    text = f"{type(exc).__name__}: {exc}"
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+    lowered = text.lower()
+    if isinstance(exc, PermissionError) or code in _PERMISSION_CODES or "signature" in lowered and "match" in lowered or "access denied" in lowered or "invalidaccesskeyid" in lowered:
+        return StoragePermissionError(
+            f"{path}: access denied by the storage: check the credentials and their permissions "
+            f"({type(exc).__name__})",
+            path=path,
+        )
+    if isinstance(exc, FileNotFoundError):
+        return None  # callers decide what a missing object means
+    if isinstance(exc, (ConnectionError, TimeoutError)) or code in _TRANSIENT_CODES or any(
+        w in lowered for w in ("could not connect", "connect timeout", "endpoint url", "connection refused", "read timeout", "slowdown", "service unavailable", "max retries")
+    ):
+        return StorageUnavailableError(
+            f"{path}: storage unreachable or unavailable ({type(exc).__name__}); it may come back, "
+            "the operation can be retried",
+            path=path,
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+        return StorageError(f"{path}: {os.strerror(exc.errno)}", path=path)
+    return None
+
+
+@contextlib.contextmanager
+def translate_errors(path: str) -> Iterator[None]:
+    """Turn storage client errors into our errors, naming ``path`` and never a credential."""
+    try:
+        yield
+    except DPipelineError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated or re-raised
+        ours = _classify(exc, path)
+        if ours is None:
+            raise
+        raise ours from None
+
+
+@lru_cache(maxsize=64)
+def _cached(url: str, options_key: str) -> Storage:  # pragma: no cover - thin cache
+    import json
+
+    return Storage(url, json.loads(options_key))
+
+
+def cached_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    """A per-process cached :class:`Storage` (workers reuse connections across shards)."""
+    import json
+
+    return _cached(url, json.dumps(storage_options or {}, sort_keys=True))
+
+
+def missing_source(path: str) -> SourceError:
+    return SourceError(f"source path {path!r} does not exist or matches no file", path=path)
+
+
+__all__ += ["cached_storage", "missing_source", "fsspec"]
