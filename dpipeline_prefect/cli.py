@@ -1,0 +1,241 @@
+"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc.
+
+Errors end the command with one clear line on stderr and a non-zero exit; the full
+traceback is printed only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharded, checkpointed, exactly-once pipelines on Prefect and Dask.")
+ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and clean up checkpoints.")
+app.add_typer(ckpt_app, name="checkpoints")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: BaseException, verbose: bool) -> None:
+    if verbose:
+        err.print_exception()
+    msg = str(e).strip() or type(e).__name__
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _quiet_prefect_console(verbose: bool) -> None:
+    """Prefect echoes flow/task logs (and engine tracebacks) to the console; keep that for --verbose.
+
+    The logs still reach the Prefect server (its API handler is untouched). Prefect reads
+    ``PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL`` when it configures logging, so this must run
+    before Prefect is imported.
+    """
+    if verbose:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _Progress:
+    """A rich progress bar fed by the flow's progress hooks (shards and rows done, rows/s)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rows]:,} rows  {task.fields[rate]:,.0f} rows/s"),
+            TimeElapsedColumn(), console=err, transient=False,
+        )
+        self.task = None
+        self.rows = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, event: str, p: dict) -> None:
+        if event == "stage":
+            self.progress.start()
+            self.stage = self.progress.add_task("shuffle", total=p["splits"], rows=0, rate=0.0)
+        elif event == "split_done":
+            self.progress.advance(self.stage)
+        elif event == "start":
+            self.t0 = time.perf_counter()
+            self.progress.start()
+            self.rows = p["rows_done"]
+            self.task = self.progress.add_task("shards", total=p["shards_total"], completed=p["shards_done"],
+                                               rows=self.rows, rate=0.0)
+        elif event == "shard_done" and self.task is not None:
+            self.rows += p.get("rows_in_now", 0)
+            rate = self.rows / max(1e-9, time.perf_counter() - self.t0)
+            self.progress.update(self.task, advance=1, rows=self.rows, rate=rate)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _summary_table(s: dict) -> Table:
+    t = Table(title=f"{s['pipeline']} / {s['run_key']}: {s['status']}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for k in ("rows_in", "rows_out", "shards_total", "shards_skipped", "batches_reprocessed", "bytes_read",
+              "bytes_written", "duration_s", "rows_per_s", "sink", "flow_run_id"):
+        v = s.get(k)
+        t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    return t
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: str = typer.Option("default", "--run-key", help="Identifies the run; re-use it to resume."),
+    restart: bool = typer.Option(False, "--restart", help="Discard this run key's checkpoints and output first."),
+    summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write the run summary here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and full tracebacks."),
+) -> None:
+    """Run (or resume) a pipeline."""
+    _quiet_prefect_console(verbose)
+    try:
+        from .pipeline import Pipeline
+
+        p = Pipeline.from_yaml(pipeline)
+        from . import flows
+
+        bar = _Progress()
+        flows.progress_hooks.append(bar)
+        try:
+            summary = p.run(run_key=run_key, restart=restart)
+        finally:
+            flows.progress_hooks.remove(bar)
+            bar.stop()
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line
+        _fail(e, verbose)
+        return
+    if summary.get("status") == "already_complete":
+        out.print(f"run key {run_key!r} of {p.name} is already complete: nothing to do "
+                  "(use --restart to run it again)")
+    out.print(_summary_table(summary))
+    if summary_json:
+        summary_json.write_text(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+
+
+@app.command()
+def validate(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.")) -> None:
+    """Check the file, import the transforms, and reach each storage."""
+    from .config import load_config
+    from .errors import DPipelineError
+
+    problems: list[str] = []
+    try:
+        cfg = load_config(pipeline)
+    except DPipelineError as e:
+        _fail(e, False)
+        return
+    from .pipeline import _make_importable
+    from .sources import plan_source
+    from .storage import Storage
+    from .transforms import load_function
+
+    _make_importable(str(pipeline.resolve().parent))
+    checks: list[tuple[str, str]] = []
+
+    def check(what: str, fn) -> None:
+        try:
+            detail = fn()
+            checks.append((what, f"ok{': ' + detail if detail else ''}"))
+        except Exception as e:  # noqa: BLE001
+            checks.append((what, f"FAILED: {e}"))
+            problems.append(f"{what}: {e}")
+
+    for t in cfg.transforms:
+        check(f"transform {t}", lambda t=t: (load_function(t), "")[1])
+    if cfg.sharding.strategy == "custom":
+        check(f"sharding.function {cfg.sharding.function}", lambda: (load_function(cfg.sharding.function, "sharding function"), "")[1])
+
+    def src():
+        plan = plan_source(cfg.source)
+        return f"{len(plan.files)} file(s), {plan.bytes_total:,} bytes, {len(plan.schema)} columns"
+
+    check(f"source {cfg.source.path}", src)
+    check(f"sink {cfg.sink.path}", lambda: (Storage(cfg.sink.resolved_path("validate"), cfg.sink.storage_options).probe(), "writable")[1])
+    check(f"checkpoint {cfg.checkpoint.path}", lambda: (Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options).probe(), "writable")[1])
+    t = Table(title=f"{pipeline}: {cfg.name}")
+    t.add_column("check")
+    t.add_column("result")
+    for what, res in checks:
+        t.add_row(what, res)
+    out.print(t)
+    if problems:
+        for p in problems:
+            err.print(f"[bold red]error:[/] {p}", highlight=False)
+        raise typer.Exit(1)
+
+
+@ckpt_app.command("ls")
+def checkpoints_ls(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: Optional[str] = typer.Option(None, "--run-key"),
+) -> None:
+    """List the runs that have checkpoints, with their progress."""
+    try:
+        from .checkpoint import list_runs
+        from .config import load_config
+        from .storage import Storage
+
+        cfg = load_config(pipeline)
+        runs = list_runs(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    t = Table(title=f"checkpoints of {cfg.name}")
+    for c in ("run_key", "status", "shards", "done", "updated"):
+        t.add_column(c)
+    for r in runs:
+        if run_key and r.run_key != run_key:
+            continue
+        d = r if isinstance(r, dict) else r.__dict__
+        t.add_row(str(d.get("run_key")), str(d.get("status")), str(d.get("shards")),
+                  str(d.get("shards_done")), _fmt_time(d.get("updated")))
+    out.print(t)
+
+
+def _fmt_time(v) -> str:
+    if isinstance(v, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+    return str(v or "")
+
+
+@ckpt_app.command("gc")
+def checkpoints_gc(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    keep: int = typer.Option(..., "--keep", min=0, help="Completed runs to keep (newest first)."),
+) -> None:
+    """Delete old checkpoint generations and all but the newest N completed runs."""
+    try:
+        from .checkpoint import gc
+        from .config import load_config
+        from .storage import Storage
+
+        cfg = load_config(pipeline)
+        report = gc(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, keep)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    out.print(report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Prefect glue: the ``sharded-pipeline`` flow and its tasks. Thin on purpose.
+
+plan (in the flow) -> [keyed strategies: one ``shuffle`` task per input file] ->
+one ``shard`` task per shard on the task runner (Dask by default) -> finalize (in the flow).
+
+The flow is an ordinary Prefect flow: it can be deployed, scheduled, run from the UI, or
+called inside a user's own ``@flow`` as a subflow (``pipeline.run_pipeline``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+
+from .checkpoint import CheckpointStore
+from .config import PipelineConfig, validate_run_key
+from .errors import DPipelineError, PipelineChangedError, TerminalError
+from .sharding import Sharder
+from .shard import RunContext, ShardResult, ShardSpec, process_shard
+from .shuffle import run_map
+from .sinks import Sink
+from .sources import InputFile, plan_source, schema_from_b64, schema_to_b64
+from .storage import Storage, cached_storage, join
+from .transforms import load_function, load_transforms
+
+__all__ = ["sharded_pipeline", "execute", "progress_hooks"]
+
+# Callables(event: str, payload: dict) the CLI registers to draw its progress bar.
+progress_hooks: list[Callable[[str, dict], None]] = []
+
+
+def _emit(event: str, payload: dict) -> None:
+    for hook in list(progress_hooks):
+        try:
+            hook(event, payload)
+        except Exception:  # noqa: BLE001 - a broken progress bar must not fail a run
+            pass
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry only errors of the transient kind."""
+    try:
+        state.result()
+    except DPipelineError as e:
+        return e.transient
+    except Exception:  # noqa: BLE001 - unknown errors: a lost worker, a network blip
+        return True
+    return False
+
+
+@task(name="shuffle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
+      retry_condition_fn=_retry_transient, task_run_name="shuffle-{split}")
+def shuffle_task(ctx: RunContext, split: int, file: dict) -> dict:
+    cfg = ctx.cfg
+    source = cached_storage(cfg.source.path, cfg.source.storage_options)
+    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options)
+    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
+    res = run_map(split, InputFile.from_dict(file), source, cfg.source.format,
+                  schema_from_b64(ctx.schema_b64), Sharder(cfg.sharding), work)
+    doc = {"done": True, "outputs": res.outputs, "sizes": res.sizes, "labels": res.labels,
+           "rows_in": res.rows_in,
+           "bytes_read": res.bytes_read}
+    CheckpointStore(ckpt, cfg.name, ctx.run_key).save_shard(f"m{split:05d}", doc)
+    return {**doc, "split": split}
+
+
+@task(name="shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
+      retry_condition_fn=_retry_transient, task_run_name="shard-{spec.label}")
+def shard_task(ctx: RunContext, spec: ShardSpec) -> dict:
+    return asdict(process_shard(ctx, spec))
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _files_shards(files: list[dict], source: Storage) -> list[ShardSpec]:
+    return [
+        ShardSpec(f"f{i:05d}", f["path"].rsplit("/", 1)[-1], False, [f], f.get("rows"))
+        for i, f in enumerate(files)
+    ]
+
+
+def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
+    """Plan, shard, run and finalize one run of ``cfg``; must be called inside a flow run."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    validate_run_key(run_key)
+    ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
+    store = CheckpointStore(ckpt_storage, cfg.name, run_key)
+    sink = Sink(cfg.sink, run_key)
+    work_url = join(cfg.checkpoint.path, cfg.name, run_key, "work")
+    fingerprints = cfg.fingerprints()
+    flow_run_id = _flow_run_id()
+    summary: dict[str, Any] = {
+        "pipeline": cfg.name, "run_key": run_key, "status": "running", "rows_in": 0, "rows_out": 0,
+        "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "bytes_read": 0,
+        "bytes_written": 0, "duration_s": 0.0, "rows_per_s": 0.0, "flow_run_id": flow_run_id,
+        "sink": sink.storage.url,
+    }
+
+    if restart:
+        marker = sink.read_marker()
+        if marker and marker.get("pipeline") != cfg.name:
+            raise TerminalError(
+                f"--restart refused: sink {sink.storage.url} holds output of another pipeline "
+                f"({marker.get('pipeline')!r})", path=sink.storage.url)
+        store.delete_run()
+        removed = sink.clear()
+        logger.info("restart: removed checkpoints of run key %r and %d output file(s)", run_key, removed)
+
+    manifest = store.load_manifest()
+    if manifest is not None:
+        changed = _changed(manifest.get("fingerprints", {}), fingerprints)
+        if changed:
+            raise PipelineChangedError(
+                f"pipeline {cfg.name!r} changed since run key {run_key!r} was started "
+                f"({', '.join(changed)} differ from its checkpoints); run with --restart to discard "
+                "them and start over, or use another --run-key",
+                changed=changed,
+            )
+        if manifest.get("status") == "completed":
+            logger.info("run key %r of %s already completed: nothing to do", run_key, cfg.name)
+            done = dict(manifest.get("summary") or {})
+            done.update(status="already_complete", shards_skipped=done.get("shards_total", 0),
+                        duration_s=time.perf_counter() - t0, rows_per_s=0.0, bytes_read=0,
+                        batches_reprocessed=0, flow_run_id=flow_run_id)
+            return done
+    else:
+        load_transforms(cfg.transforms)  # fail now, before anything is written, if one is missing
+        if cfg.sharding.strategy == "custom":
+            load_function(cfg.sharding.function, "sharding function")
+        plan = plan_source(cfg.source)
+        sink.claim(cfg.name)
+        manifest = {
+            "status": "planned",
+            "fingerprints": fingerprints,
+            "strategy": cfg.sharding.strategy,
+            "schema": schema_to_b64(plan.schema),
+            "files": [f.to_dict() for f in plan.files],
+            "shards": None,
+            "created": time.time(),
+        }
+        store.save_manifest(manifest)
+        logger.info("planned %d input file(s), %d bytes", len(plan.files), plan.bytes_total)
+
+    ctx = RunContext(cfg, run_key, manifest["schema"], work_url)
+    files = manifest["files"]
+    bytes_read = 0
+    docs = store.load_shards()
+
+    if manifest.get("shards") is None:
+        if cfg.sharding.keyed:
+            bytes_read += _shuffle(ctx, files, docs, logger)
+            docs = store.load_shards()
+            shards = _keyed_shards(ctx, files, docs)
+        else:
+            shards = _files_shards(files, ckpt_storage)
+        manifest = {**manifest, "status": "sharded", "shards": [s.to_dict() for s in shards]}
+        store.save_manifest(manifest)
+    shards = [ShardSpec.from_dict(s) for s in manifest["shards"]]
+    summary["shards_total"] = len(shards)
+
+    results: list[ShardResult] = []
+    todo = []
+    for s in shards:
+        d = docs.get(s.id)
+        if d and d.get("done"):
+            results.append(ShardResult(s.id, s.label, skipped=True, rows_in=d["rows_in"],
+                                       rows_out=d["rows_out"], batches=d["next_seq"]))
+        else:
+            todo.append(s)
+    summary["shards_skipped"] = len(results)
+    _emit("start", {"shards_total": len(shards), "shards_done": len(results),
+                    "rows_total": sum(s.rows or 0 for s in shards),
+                    "rows_done": sum(r.rows_in for r in results)})
+    if results:
+        logger.info("%d of %d shard(s) already complete: skipped", len(results), len(shards))
+
+    errors: list[tuple[str, BaseException]] = []
+    futures = {shard_task.submit(ctx, s): s for s in todo}
+    for fut in as_completed(list(futures)):
+        spec = futures.pop(fut)
+        try:
+            r = ShardResult(**fut.result())
+        except BaseException as e:  # noqa: BLE001 - collected, the first one is raised below
+            errors.append((spec.label, e))
+            _emit("shard_failed", {"shard": spec.label, "error": str(e)})
+            continue
+        results.append(r)
+        _emit("shard_done", asdict(r))
+        del fut  # release the Dask future: a dead worker must not recompute finished shards
+    if errors:
+        label, err = errors[0]
+        more = f" (and {len(errors) - 1} other shard(s))" if len(errors) > 1 else ""
+        if isinstance(err, DPipelineError):
+            raise type(err)(f"shard {label}: {err}{more}", **err.details)
+        raise err
+
+    # Finalize: idempotent, so a crash here is finished by the next run.
+    sink.remove_temporaries()
+    Storage(work_url, cfg.checkpoint.storage_options).rm(
+        Storage(work_url, cfg.checkpoint.storage_options).root, recursive=True)
+    summary.update(
+        status="completed",
+        rows_in=sum(r.rows_in for r in results),
+        rows_out=sum(r.rows_out for r in results),
+        batches_reprocessed=sum(r.batches_reprocessed for r in results),
+        bytes_read=bytes_read + sum(r.bytes_read for r in results),
+        bytes_written=sum(r.bytes_written for r in results),
+    )
+    rows_now = sum(r.rows_in_now for r in results)
+    summary["duration_s"] = round(time.perf_counter() - t0, 3)
+    summary["rows_per_s"] = round(rows_now / summary["duration_s"], 1) if summary["duration_s"] else 0.0
+    summary["shards"] = [
+        {"shard": r.shard, "label": r.label, "rows_in": r.rows_in, "rows_out": r.rows_out,
+         "batches": r.batches, "skipped": r.skipped, "duration_s": round(r.duration_s, 3)}
+        for r in sorted(results, key=lambda r: r.shard)
+    ]
+    store.save_manifest({**manifest, "status": "completed",
+                         "summary": {k: v for k, v in summary.items() if k != "shards"},
+                         "completed": time.time()})
+    logger.info("run %s/%s completed: %d rows in, %d rows out in %.1f s",
+                cfg.name, run_key, summary["rows_in"], summary["rows_out"], summary["duration_s"])
+    return summary
+
+
+def _shuffle(ctx: RunContext, files: list[dict], docs: dict, logger) -> int:
+    pending = [i for i in range(len(files)) if not (docs.get(f"m{i:05d}") or {}).get("done")]
+    if len(pending) < len(files):
+        logger.info("shuffle: %d of %d split(s) already staged", len(files) - len(pending), len(files))
+    bytes_read = 0
+    futures = [shuffle_task.submit(ctx, i, files[i]) for i in pending]
+    _emit("stage", {"stage": "shuffle", "splits": len(pending)})
+    for fut in as_completed(futures):
+        bytes_read += fut.result()["bytes_read"]
+        _emit("split_done", {})
+    return bytes_read
+
+
+def _keyed_shards(ctx: RunContext, files: list[dict], docs: dict) -> list[ShardSpec]:
+    work = cached_storage(ctx.work_url, ctx.cfg.checkpoint.storage_options)
+    from .shuffle import staged_path
+
+    inputs: dict[str, list[dict]] = {}
+    labels: dict[str, str] = {}
+    for i in range(len(files)):
+        d = docs[f"m{i:05d}"]
+        labels.update(d.get("labels", {}))
+        for sid, rows in sorted(d["outputs"].items()):
+            p = staged_path(work, sid, i)
+            size = d.get("sizes", {}).get(sid, 0)
+            inputs.setdefault(sid, []).append({"path": p, "size": size, "rows": rows, "rg": []})
+    specs = []
+    for sid in sorted(inputs):
+        specs.append(ShardSpec(sid, labels.get(sid, sid), True, inputs[sid],
+                               sum(x["rows"] for x in inputs[sid])))
+    return specs
+
+
+def _flow_run_id() -> str | None:
+    try:
+        ctx = get_run_context()
+        return str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+    except Exception:  # noqa: BLE001 - outside a run
+        return None
+
+
+@flow(name="sharded-pipeline", log_prints=False, validate_parameters=True)
+def sharded_pipeline(pipeline: PipelineConfig, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
+    """Run a sharded, checkpointed pipeline; re-running the same run key resumes it.
+
+    Args:
+        pipeline: the pipeline definition (the same model as the YAML file).
+        run_key: identifies this run's checkpoints and output; re-use it to resume.
+        restart: discard this run key's checkpoints and output and start over.
+    """
+    return execute(pipeline, run_key, restart)

@@ -1,0 +1,104 @@
+"""The Python API: ``Pipeline`` and ``run_pipeline``.
+
+    from dpipeline_prefect import Pipeline
+    summary = Pipeline.from_yaml("pipeline.yaml").run(run_key="2026-11-29")
+
+Inside a user's own flow, ``run_pipeline(pipeline, run_key=...)`` runs it as a subflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import PipelineConfig, load_config, parse_config
+
+__all__ = ["Pipeline", "run_pipeline", "prefect_api"]
+
+
+class Pipeline:
+    """A validated pipeline definition plus where it came from."""
+
+    def __init__(self, config: PipelineConfig | dict[str, Any] | None = None, *, base_dir: str | None = None, **fields: Any) -> None:
+        if config is None:
+            config = fields
+        self.config = config if isinstance(config, PipelineConfig) else parse_config(dict(config))
+        self.base_dir = base_dir
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> "Pipeline":
+        """Load a pipeline file; its folder is importable, so ``transforms.py`` beside it works."""
+        return cls(load_config(path), base_dir=str(Path(path).resolve().parent))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def run(self, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
+        """Run (or resume) this pipeline under ``run_key``; return the run summary.
+
+        Raises the pipeline's error (a :class:`~dpipeline_prefect.errors.DPipelineError`) if
+        the run fails; re-running the same run key resumes from the checkpoints.
+        """
+        _make_importable(self.base_dir)
+        with prefect_api():
+            return _flow_for(self.config)(pipeline=self.config, run_key=run_key, restart=restart)
+
+
+def run_pipeline(pipeline: Pipeline | PipelineConfig | str, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
+    """Run a pipeline as a subflow of the calling flow (or as a flow on its own)."""
+    if isinstance(pipeline, str):
+        pipeline = Pipeline.from_yaml(pipeline)
+    if isinstance(pipeline, PipelineConfig):
+        pipeline = Pipeline(pipeline)
+    _make_importable(pipeline.base_dir)
+    return _flow_for(pipeline.config)(pipeline=pipeline.config, run_key=run_key, restart=restart)
+
+
+def _flow_for(cfg: PipelineConfig):
+    from .flows import sharded_pipeline
+    from .runner import make_task_runner
+
+    return sharded_pipeline.with_options(
+        task_runner=make_task_runner(cfg.runner),
+        flow_run_name=f"{cfg.name}-{{run_key}}",
+    )
+
+
+def _make_importable(base_dir: str | None) -> None:
+    """Let transforms in the pipeline's folder import here and in local Dask workers."""
+    if not base_dir:
+        return
+    if base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if base_dir not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([base_dir, *parts])
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Make sure a Prefect API is reachable by this process and by worker processes.
+
+    With ``PREFECT_API_URL`` set, that server is used. Without it, Prefect's embedded server
+    is started once (``SubprocessASGIServer``, the same one Prefect's ephemeral mode uses) and
+    its URL is exported, so Dask worker processes report to the same server instead of each
+    starting their own on the same SQLite file.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server.api_url

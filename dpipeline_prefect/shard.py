@@ -1,0 +1,165 @@
+"""One shard's loop: read -> batch -> transform -> write -> checkpoint, resumable at any point.
+
+The order of the steps is what makes the output exactly-once:
+
+1. On start, the shard's checkpoint says how far it got (``next_seq``, ``offset``). If it is
+   resuming, output files of this shard at or past ``next_seq`` are removed first: they came
+   from batches whose checkpoint never landed (``batches_reprocessed`` counts them).
+2. The input is read from ``offset`` on, cut into batches, and each batch is transformed and
+   written under its deterministic name (``sinks.py``).
+3. Only after a batch's output is published does its checkpoint (``next_seq + 1``,
+   ``offset + rows``) go to the asynchronous writer, which saves newest-first and never
+   reorders a shard's saves. The writer is flushed before the shard is marked done.
+
+A crash anywhere re-runs at most the batches after the last saved checkpoint; they rewrite
+the same names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from .batching import batches
+from .checkpoint import AsyncCheckpointWriter, CheckpointStore
+from .config import PipelineConfig
+from .shuffle import read_staged
+from .sinks import Sink
+from .sources import InputFile, read_batches, schema_from_b64
+from .storage import Storage, cached_storage
+from .transforms import apply_transforms, load_transforms
+
+__all__ = ["ShardSpec", "ShardResult", "RunContext", "process_shard"]
+
+log = logging.getLogger("dpipeline_prefect.shard")
+
+
+@dataclass
+class ShardSpec:
+    """What one shard reads: source files (``files`` strategy) or staged shuffle files."""
+
+    id: str
+    label: str
+    staged: bool
+    inputs: list[dict]  # InputFile.to_dict()
+    rows: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardSpec":
+        return cls(**d)
+
+
+@dataclass
+class RunContext:
+    """Everything a shard task needs, small and picklable (no open clients inside)."""
+
+    cfg: PipelineConfig
+    run_key: str
+    schema_b64: str
+    work_url: str
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    label: str
+    skipped: bool = False
+    rows_in: int = 0  # cumulative over all runs of this run key
+    rows_out: int = 0
+    batches: int = 0
+    rows_in_now: int = 0  # read by this attempt
+    batches_reprocessed: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    duration_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _storages(ctx: RunContext) -> tuple[Storage, Storage, Storage]:
+    cfg = ctx.cfg
+    source = cached_storage(cfg.source.path, cfg.source.storage_options)
+    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
+    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options)
+    return source, ckpt, work
+
+
+def _stream(ctx: RunContext, spec: ShardSpec, source: Storage, work: Storage, schema: pa.Schema, skip: int, counters: dict):
+    """The shard's deterministic row stream, from row ``skip`` on."""
+    fmt = ctx.cfg.source.format
+    for d in spec.inputs:
+        f = InputFile.from_dict(d)
+        if f.rows is not None and skip >= f.rows:
+            skip -= f.rows
+            continue
+        counters["bytes_read"] += f.size
+        it = read_staged(work, f.path, skip) if spec.staged else read_batches(source, f, fmt, schema, skip)
+        skip = 0
+        yield from it
+
+
+def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
+    """Run one shard to completion (or resume it); return its figures."""
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    source, ckpt_storage, work = _storages(ctx)
+    store = CheckpointStore(ckpt_storage, cfg.name, ctx.run_key)
+    state = store.load_shard(spec.id) or {}
+    res = ShardResult(spec.id, spec.label)
+    if state.get("done"):
+        res.skipped = True
+        res.rows_in, res.rows_out, res.batches = state["rows_in"], state["rows_out"], state["next_seq"]
+        return res
+
+    sink = Sink(cfg.sink, ctx.run_key)
+    next_seq = int(state.get("next_seq", 0))
+    offset = int(state.get("offset", 0))
+    rows_in = int(state.get("rows_in", 0))
+    rows_out = int(state.get("rows_out", 0))
+    bytes_written = int(state.get("bytes_written", 0))
+    if state:
+        # Resuming: output written past the last saved checkpoint is redone from scratch.
+        res.batches_reprocessed = sink.remove_uncommitted(spec.id, next_seq)
+    else:
+        store.save_shard(spec.id, {"done": False, "next_seq": 0, "offset": 0, "rows_in": 0, "rows_out": 0, "bytes_written": 0})
+
+    schema = schema_from_b64(ctx.schema_b64)
+    transforms = load_transforms(cfg.transforms)
+    counters = {"bytes_read": 0}
+    writer = AsyncCheckpointWriter(store)
+    try:
+        stream = _stream(ctx, spec, source, work, schema, offset, counters)
+        for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
+            df = batch.table.to_pandas()
+            out = apply_transforms(df, transforms, where=f"shard {spec.label} batch {next_seq}")
+            w = sink.write_batch(spec.id, next_seq, out)
+            next_seq += 1
+            offset = batch.offset + batch.num_rows
+            rows_in += batch.num_rows
+            rows_out += w.rows
+            bytes_written += w.bytes
+            res.rows_in_now += batch.num_rows
+            res.bytes_written += w.bytes
+            writer.submit(
+                spec.id,
+                {"done": False, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
+                 "rows_out": rows_out, "bytes_written": bytes_written},
+            )
+        writer.flush()
+    finally:
+        writer.close()
+    store.save_shard(
+        spec.id,
+        {"done": True, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
+         "rows_out": rows_out, "bytes_written": bytes_written},
+    )
+    res.rows_in, res.rows_out, res.batches = rows_in, rows_out, next_seq
+    res.bytes_read = counters["bytes_read"]
+    res.duration_s = time.perf_counter() - t0
+    return res
