@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 import re
 import threading
@@ -218,29 +219,53 @@ def _raise_translated(exc: BaseException, path: str) -> None:
         raise exc
 
 
+def _find_local(prefix: str) -> dict[str, dict[str, Any]]:
+    """Recursive listing of a local directory that keeps entries deleted while it runs.
+
+    fsspec's local ``ls(detail=True)`` stats every entry and silently drops those that vanish
+    between readdir and stat. With a writer saving quickly, both listed generations of a key can
+    vanish in that window and the key would look empty ("no checkpoint"). Names come from one
+    readdir per directory, which always holds at least one complete generation (rename of the
+    new one happens before the delete of the old one); a vanished entry is kept with size 0 and
+    reads of it fall back / re-list like on S3.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    stack = [prefix]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            path = posixpath.join(d, e.name)
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                    continue
+                st = e.stat(follow_symlinks=False)
+                info = {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
+            except FileNotFoundError:
+                info = {"type": "file", "size": 0, "mtime": time.time()}
+            out[path] = info
+    return out
+
+
 def _find_detail(storage: Storage, prefix: str) -> dict[str, dict[str, Any]]:
     """One recursive listing of ``prefix``: {path: info}. Missing prefix -> {}."""
+    if storage.is_local:
+        with translate_errors(prefix):
+            return _find_local(prefix)
     with translate_errors(prefix):
         # s3fs caches listings; another process may have written since we last looked
         try:
             storage.fs.invalidate_cache(prefix)
         except Exception:  # noqa: BLE001 - a cache that cannot be invalidated is not an error
             pass
-        for _ in range(_MAX_RELISTS):
-            try:
-                out = storage.fs.find(prefix, detail=True)
-                break
-            except FileNotFoundError:
-                # Either the prefix does not exist (no checkpoint), or, on local disk, an entry
-                # vanished between readdir and stat (a concurrent save deleted an old
-                # generation or renamed its temp file). Only the first means "empty".
-                if not storage.fs.exists(prefix):
-                    return {}
-        else:
-            raise StorageUnavailableError(
-                f"{storage.unstrip(prefix)}: listing kept failing while objects changed; retry",
-                path=storage.unstrip(prefix),
-            )
+        try:
+            out = storage.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
     return {p: info for p, info in out.items() if info.get("type", "file") != "directory"}
 
 
