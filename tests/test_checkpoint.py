@@ -44,16 +44,6 @@ SHARD_DOC = {
 }
 
 
-@pytest.fixture(params=["local", "memory"])
-def storage_url(request, tmp_path):  # TEMPORARY until tests/conftest.py provides it
-    import uuid
-
-    if request.param == "local":
-        yield str(tmp_path / "ck"), {}
-    else:
-        yield f"memory://ck-{uuid.uuid4().hex}", {}
-
-
 @pytest.fixture
 def storage(storage_url) -> Storage:
     url, options = storage_url
