@@ -110,7 +110,8 @@ def redact(value: Any) -> Any:
 
 
 def validate_run_key(run_key: str) -> str:
-    if not isinstance(run_key, str) or not _RUN_KEY_RE.match(run_key) or ".." in run_key:
+    # fullmatch: with match(), '$' also matches before a trailing newline, letting "key\n" in
+    if not isinstance(run_key, str) or not _RUN_KEY_RE.fullmatch(run_key) or ".." in run_key:
         raise ConfigError(
             f"run key {run_key!r} is not allowed: use 1-128 characters from letters, digits and "
             "_ . : = + -, starting with a letter or digit, without '..'",
@@ -251,7 +252,7 @@ class PipelineConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v) or len(v) > 100:
+        if not _NAME_RE.fullmatch(v) or len(v) > 100:
             raise ValueError("name must match [a-z0-9_-]+ (at most 100 characters)")
         return v
 
