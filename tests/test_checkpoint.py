@@ -476,11 +476,11 @@ def test_async_writer_coalesces_pending_docs(storage):
     with AsyncCheckpointWriter(store) as writer:
         writer.submit("s1", {"seq": 1})
         assert store.entered.wait(5)  # seq 1 is being saved, held at the gate
-        doc = {"seq": 2}
+        writer.submit("s1", {"seq": 2})
+        writer.submit("s1", {"seq": 3})
+        doc = {"seq": 4}
         writer.submit("s1", doc)
         doc["seq"] = 99  # mutating after submit must not change what gets written
-        writer.submit("s1", {"seq": 3})
-        writer.submit("s1", {"seq": 4})
         writer.submit("s2", {"seq": 5})
         store.gate.set()
         writer.flush(timeout=30)
@@ -498,6 +498,7 @@ def test_async_writer_orders_saves_per_shard(storage, threads):
             shard = f"s{random.Random(seq).randrange(4)}"
             writer.submit(shard, {"seq": seq})
             last[shard] = seq
+            time.sleep(0.0005)  # let submissions interleave with saves in flight
             if seq % 40 == 0:
                 writer.flush(timeout=60)
                 # durable at flush: a fresh reader sees exactly the newest submitted docs
