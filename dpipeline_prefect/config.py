@@ -41,6 +41,8 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,127}$")
 _SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
+# In the sharding section "key" is a column name, not a credential: it must stay readable.
+_SHARDING_SECRET_WORDS = tuple(w for w in _SECRET_WORDS if w != "key")
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -93,19 +95,22 @@ def _expand_except_storage(value: Any, where: str = "") -> Any:
     return expand_env(value, where)
 
 
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with secret-looking entries of dicts replaced by ``***``."""
+def redact(value: Any, _words: tuple[str, ...] = _SECRET_WORDS) -> Any:
+    """A copy of ``value`` with secret-looking entries of dicts replaced by ``***``.
+
+    ``${VAR}`` references are kept: they reveal nothing.
+    """
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             lk = str(k).lower()
-            if isinstance(v, str) and any(w in lk for w in _SECRET_WORDS) and not _ENV_RE.fullmatch(v):
+            if isinstance(v, str) and any(w in lk for w in _words) and not _ENV_RE.fullmatch(v):
                 out[k] = "***"
             else:
-                out[k] = redact(v)
+                out[k] = redact(v, _SHARDING_SECRET_WORDS if lk == "sharding" else _SECRET_WORDS)
         return out
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v, _words) for v in value]
     return value
 
 
