@@ -21,6 +21,7 @@ from prefect.futures import as_completed
 
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
+from .faults import crashpoint
 from .errors import DPipelineError, PipelineChangedError, TerminalError
 from .sharding import Sharder
 from .shard import RunContext, ShardResult, ShardSpec, process_shard
@@ -149,6 +150,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
             "created": time.time(),
         }
         store.save_manifest(manifest)
+        crashpoint("planned")
         logger.info("planned %d input file(s), %d bytes", len(plan.files), plan.bytes_total)
 
     ctx = RunContext(cfg, run_key, manifest["schema"], work_url)
@@ -205,6 +207,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         raise err
 
     # Finalize: idempotent, so a crash here is finished by the next run.
+    crashpoint("finalize")
     sink.remove_temporaries()
     Storage(work_url, cfg.checkpoint.storage_options).rm(
         Storage(work_url, cfg.checkpoint.storage_options).root, recursive=True)
@@ -214,6 +217,9 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         rows_out=sum(r.rows_out for r in results),
         batches_reprocessed=sum(r.batches_reprocessed for r in results),
         bytes_read=bytes_read + sum(r.bytes_read for r in results),
+        # input read by this run (shuffle splits, or shards of the files strategy) vs staged data
+        bytes_read_source=bytes_read + (0 if cfg.sharding.keyed else sum(r.bytes_read for r in results)),
+        bytes_read_staged=sum(r.bytes_read for r in results) if cfg.sharding.keyed else 0,
         bytes_written=sum(r.bytes_written for r in results),
     )
     rows_now = sum(r.rows_in_now for r in results)

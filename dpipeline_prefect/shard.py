@@ -27,6 +27,7 @@ import pyarrow as pa
 from .batching import batches
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
+from .faults import crashpoint
 from .shuffle import read_staged
 from .sinks import Sink
 from .sources import InputFile, read_batches, schema_from_b64
@@ -138,7 +139,9 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
             df = batch.table.to_pandas()
             out = apply_transforms(df, transforms, where=f"shard {spec.label} batch {next_seq}")
+            crashpoint("before_write")
             w = sink.write_batch(spec.id, next_seq, out)
+            crashpoint("after_write")
             next_seq += 1
             offset = batch.offset + batch.num_rows
             rows_in += batch.num_rows
@@ -152,6 +155,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                  "rows_out": rows_out, "bytes_written": bytes_written},
             )
         writer.flush()
+        crashpoint("after_checkpoint")
     finally:
         writer.close()
     store.save_shard(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from .faults import crashpoint
 from .sharding import Sharder
 from .sources import InputFile, read_batches
 from .storage import Storage, translate_errors
@@ -106,7 +107,9 @@ def run_map(
                         w = writers[code] = _StagedWriter(work, staged_path(work, sid, split), schema)
                         res.labels[sid] = sharder.label(code)
                     w.write(table.slice(int(lo), int(hi - lo)))
-            for code, w in writers.items():
+            for i, (code, w) in enumerate(writers.items()):
+                if i == len(writers) // 2:
+                    crashpoint("shuffle")
                 w.close()
                 res.outputs[sharder.shard_id(code)] = w.rows
                 res.sizes[sharder.shard_id(code)] = w.size
