@@ -133,10 +133,14 @@ class Sharder:
         col = self._column(table)
         nulls = np.asarray(col.is_null(), dtype=bool) if col.null_count else np.zeros(n, dtype=bool)
         if s == "hash":
-            series = col.to_pandas()
-            h = pd.util.hash_pandas_object(series, index=False).to_numpy()
-            codes = (h % np.uint64(self.cfg.shards)).astype(np.int64)
-            codes[nulls] = 0
+            # Hash the non-null values only: an Arrow int column with nulls becomes float64 in
+            # pandas, and 5.0 hashes differently from 5, so one key would land in different
+            # shards depending on whether its batch happened to contain a null.
+            codes = np.zeros(n, dtype=np.int64)  # nulls -> shard 0
+            valid = col.drop_null() if col.null_count else col
+            if len(valid):
+                h = pd.util.hash_pandas_object(valid.to_pandas(), index=False).to_numpy()
+                codes[~nulls] = (h % np.uint64(self.cfg.shards)).astype(np.int64)
             return codes
         if s == "range":
             if nulls.any() and not self.cfg.catch_all:
