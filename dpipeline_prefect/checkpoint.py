@@ -271,10 +271,14 @@ def _find_detail(storage: Storage, prefix: str) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class _KeyListing:
-    """Generations found for one key (manifest or one shard) and their total size."""
+    """Generations found for one key (manifest or one shard) and their sizes."""
 
     gens: list[int] = field(default_factory=list)
-    bytes: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
 
 
 @dataclass
@@ -341,7 +345,7 @@ def _parse_run_listing(entries: dict[str, dict[str, Any]], base: str) -> dict[st
         else:
             continue
         key.gens.append(int(m.group(1)))
-        key.bytes += size
+        key.sizes[key.gens[-1]] = size
     for run in runs.values():
         run.manifest.gens.sort()
         for s in run.shards.values():
@@ -504,7 +508,7 @@ class CheckpointStore:
             m = _GEN_RE.match(posixpath.basename(path))
             if m:
                 out.gens.append(int(m.group(1)))
-                out.bytes += int(info.get("size") or 0)
+                out.sizes[out.gens[-1]] = int(info.get("size") or 0)
         out.gens.sort()
         return out
 
@@ -660,38 +664,58 @@ def _scan(storage: Storage, pipeline: str) -> dict[str, _RunListing]:
     return _parse_run_listing(_find_detail(storage, base), base)
 
 
-def _run_summary(
-    storage: Storage, pipeline: str, run_key: str, run: _RunListing, with_shards: bool
-) -> tuple[RunInfo, float]:
-    store = CheckpointStore(storage, pipeline, run_key)
-    status, stamps = "unknown", []
-    try:
-        manifest = store._load_key(None, run.manifest.gens)
-        if manifest is not None:
-            status = str(manifest.doc.get("status", "unknown"))
-            stamps.append(manifest.saved_at or 0.0)
-    except CheckpointCorruptError:
-        status = "corrupt"
-    done = 0
-    if with_shards:
-        for s, gens in ((s, k.gens) for s, k in run.shards.items() if k.gens):
-            try:
-                loaded = store._load_key(s, gens)
-            except CheckpointCorruptError:
-                continue
-            if loaded is not None:
-                done += bool(loaded.doc.get("done"))
-                stamps.append(loaded.saved_at or 0.0)
-    updated = max(stamps) if stamps else None
-    info = RunInfo(
-        run_key=run_key,
-        status=status,
-        shards=sum(1 for k in run.shards.values() if k.gens),
-        shards_done=done,
-        updated=datetime.fromtimestamp(updated, timezone.utc) if updated else None,
-        bytes=run.bytes,
-    )
-    return info, updated or 0.0
+def _summaries(
+    storage: Storage, pipeline: str, runs: dict[str, _RunListing], with_shards: bool
+) -> list[tuple[RunInfo, float]]:
+    """Read each run's manifest (and, with ``with_shards``, every shard) on one thread pool.
+
+    Returns ``(RunInfo, updated timestamp)`` per run, in ``runs`` order. Reads of all runs go
+    through one pool rather than one pool per run, so a run with many shards costs about
+    shards / pool-size round trips on S3, not one round trip per shard.
+    """
+    stores = {k: CheckpointStore(storage, pipeline, k) for k in runs}
+    jobs: list[tuple[str, str | None, list[int]]] = []
+    for run_key, run in runs.items():
+        jobs.append((run_key, None, run.manifest.gens))
+        if with_shards:
+            jobs += [(run_key, sh, k.gens) for sh, k in sorted(run.shards.items()) if k.gens]
+
+    def read(job: tuple[str, str | None, list[int]]) -> _Loaded | CheckpointCorruptError | None:
+        run_key, shard, gens = job
+        try:
+            return stores[run_key]._load_key(shard, gens)
+        except CheckpointCorruptError as exc:
+            return exc
+
+    results = _map_concurrently(read, jobs)
+    status = {k: "unknown" for k in runs}
+    done = dict.fromkeys(runs, 0)
+    stamps: dict[str, list[float]] = {k: [] for k in runs}
+    for (run_key, shard, _), res in zip(jobs, results):
+        if isinstance(res, CheckpointCorruptError):
+            if shard is None:
+                status[run_key] = "corrupt"
+            continue  # a corrupt shard is simply not counted as done
+        if res is None:
+            continue
+        stamps[run_key].append(res.saved_at or 0.0)
+        if shard is None:
+            status[run_key] = str(res.doc.get("status", "unknown"))
+        else:
+            done[run_key] += bool(res.doc.get("done"))
+    out = []
+    for run_key, run in runs.items():
+        updated = max(stamps[run_key], default=0.0)
+        info = RunInfo(
+            run_key=run_key,
+            status=status[run_key],
+            shards=sum(1 for k in run.shards.values() if k.gens),
+            shards_done=done[run_key],
+            updated=datetime.fromtimestamp(updated, timezone.utc) if updated else None,
+            bytes=run.bytes,
+        )
+        out.append((info, updated))
+    return out
 
 
 def list_runs(storage: Storage, pipeline: str) -> list[RunInfo]:
@@ -701,10 +725,7 @@ def list_runs(storage: Storage, pipeline: str) -> list[RunInfo]:
     A run whose manifest is unreadable is listed with status ``"corrupt"`` rather than failing
     the whole listing.
     """
-    runs = _scan(storage, pipeline)
-    infos = _map_concurrently(
-        lambda kv: _run_summary(storage, pipeline, kv[0], kv[1], True), sorted(runs.items())
-    )
+    infos = _summaries(storage, pipeline, _scan(storage, pipeline), with_shards=True)
     return [i for i, _ in sorted(infos, key=lambda t: t[1], reverse=True)]
 
 
@@ -729,9 +750,7 @@ def gc(storage: Storage, pipeline: str, keep: int, *, dry_run: bool = False) -> 
     if keep < 0:
         raise ConfigError(f"keep must be >= 0, got {keep}", field="keep")
     runs = _scan(storage, pipeline)
-    summaries = _map_concurrently(
-        lambda kv: _run_summary(storage, pipeline, kv[0], kv[1], False), sorted(runs.items())
-    )
+    summaries = _summaries(storage, pipeline, runs, with_shards=False)
     report = GcReport()
     completed = sorted(
         ((info, ts) for info, ts in summaries if info.status == "completed"),
@@ -757,8 +776,7 @@ def gc(storage: Storage, pipeline: str, keep: int, *, dry_run: bool = False) -> 
         for key_dir, listing in keys:
             old = listing.gens[:-2]
             if old:
-                # sizes are per key, not per generation: estimate freed bytes pro rata
-                report.bytes_freed += listing.bytes * len(old) // len(listing.gens)
+                report.bytes_freed += sum(listing.sizes[g] for g in old)
                 report.generations_deleted += len(old)
                 doomed_paths += [posixpath.join(key_dir, _gen_name(g)) for g in old]
         for path, mtime in run.tmp_files:

@@ -370,9 +370,15 @@ def test_gc(storage, storage_url):
     assert dry.generations_deleted == 2
     assert _gens(storage, running._key_dir("s0")) == [1, 2, 3, 4]
 
+    expect_freed = sum(
+        len(b) for p, b in _files(storage).items()
+        if p.startswith((storage.path("p", "c1") + "/", storage.path("p", "c10") + "/"))
+        or p in (running._path("s0", 1), running._path("s0", 2))
+    )
     report = gc(storage, "p", keep=2)
     assert sorted(report.runs_deleted) == ["c1", "c10"]
-    assert report.generations_deleted == 2 and report.bytes_freed > 0
+    assert report.generations_deleted == 2
+    assert report.bytes_freed == dry.bytes_freed == expect_freed
     remaining = {r.run_key for r in list_runs(storage, "p")}
     assert remaining == {"c2", "c3", "c", "failed", "nomanifest"}
     assert _gens(storage, running._key_dir("s0")) == [3, 4]
