@@ -146,16 +146,29 @@ class Sharder:
             if nulls.any() and not self.cfg.catch_all:
                 self._out_of_range(nulls, [None] * n, "is null and fits no range shard")
             b = self.cfg.boundaries or []
-            values = col.to_numpy(zero_copy_only=False)
+            # Compare non-null values only: a null (None in an object array) cannot be
+            # compared with string boundaries, even when catch_all takes the row.
+            valid = col.drop_null() if col.null_count else col
+            codes = np.full(n, CATCH_ALL, dtype=np.int64)
             try:
-                codes = np.searchsorted(np.asarray(b), values, side="right").astype(np.int64)
-            except TypeError:
+                if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+                    # Boundaries written as dates ("2013-07-01") compare as instants, in UTC
+                    # ns like the time strategy (naive values and boundaries read as UTC).
+                    if not all(isinstance(x, str) for x in b):
+                        raise TypeError("boundaries of a timestamp key must be dates")
+                    bounds = np.array([_utc_ns(x) for x in b], dtype=np.int64)
+                    tz = getattr(col.type, "tz", None)
+                    values = valid.cast(pa.timestamp("ns", tz)).cast(pa.int64()).to_numpy()
+                else:
+                    bounds = np.asarray(b)
+                    values = valid.to_numpy(zero_copy_only=False)
+                codes[~nulls] = np.searchsorted(bounds, values, side="right")
+            except (TypeError, ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 raise ShardingError(
                     f"sharding key {self.cfg.key!r} of type {col.type} cannot be compared with "
                     f"boundaries {b!r}",
                     key=self.cfg.key,
                 ) from None
-            codes[nulls] = CATCH_ALL
             return codes
         # time
         if not (pa.types.is_timestamp(col.type) or pa.types.is_date(col.type)):
@@ -190,3 +203,9 @@ class Sharder:
             self._out_of_range(bad, shown, f"is outside [{self.cfg.start}, {self.cfg.end})")
         codes[bad] = CATCH_ALL
         return codes
+
+
+def _utc_ns(value) -> int:
+    """``value`` (a date or timestamp, naive read as UTC) as nanoseconds since the epoch."""
+    ts = pd.Timestamp(value)
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).value
