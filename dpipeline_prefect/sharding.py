@@ -22,7 +22,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .config import ShardingConfig
 from .errors import ShardingError
@@ -174,8 +173,9 @@ class Sharder:
         if not (pa.types.is_timestamp(col.type) or pa.types.is_date(col.type)):
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 try:
-                    col = pc.cast(pd.to_datetime(col.to_pandas(), utc=True), pa.timestamp("ns", "UTC"))
-                except (ValueError, TypeError):
+                    parsed = pd.to_datetime(col.to_pandas(), utc=True)
+                    col = pa.array(parsed, type=pa.timestamp("ns", "UTC"))
+                except (ValueError, TypeError, pa.ArrowInvalid):
                     raise ShardingError(
                         f"sharding key {self.cfg.key!r} holds text that is not a timestamp",
                         key=self.cfg.key,
