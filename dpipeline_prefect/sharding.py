@@ -29,7 +29,9 @@ from .transforms import load_function
 
 __all__ = ["Sharder", "CATCH_ALL", "CATCH_ALL_ID"]
 
-CATCH_ALL = -1
+# The smallest int64: no real code can be it. Time codes count buckets from the Unix epoch
+# when no start is set, so rows before 1970 have negative codes (-1 is the day before).
+CATCH_ALL = int(np.iinfo(np.int64).min)
 CATCH_ALL_ID = "catchall"
 
 
@@ -57,7 +59,10 @@ class Sharder:
         if code == CATCH_ALL:
             return CATCH_ALL_ID
         prefix = {"hash": "h", "range": "r", "time": "t", "custom": "c"}[self.strategy]
-        return f"{prefix}{int(code):06d}"
+        code = int(code)
+        if code < 0:  # time buckets before the epoch; '-' is not allowed in a shard id
+            return f"{prefix}n{-code:06d}"
+        return f"{prefix}{code:06d}"
 
     def label(self, code: int) -> str:
         if code == CATCH_ALL:
