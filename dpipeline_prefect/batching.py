@@ -2,8 +2,8 @@
 
 A pipeline batch is the unit that is transformed, written and checkpointed once. It holds at
 most ``rows`` rows and never more than ``max_bytes`` of Arrow memory: when rows are wide, the
-batch is cut earlier, at the row count that fits (estimated from the incoming chunk's bytes
-per row). Chunks are sliced zero-copy; a batch is a list of slices, handed over as one
+batch is cut earlier, at the row count whose slice measures within the limit. Chunks are
+sliced zero-copy; a batch is a list of slices, handed over as one
 ``pyarrow.Table`` without concatenating buffers.
 
 The cut points depend only on the input and on (rows, max_bytes), so a re-run over the same
@@ -66,22 +66,42 @@ def batches(
 
     for chunk in chunks:
         while chunk.num_rows:
-            per_row = max(1, chunk.nbytes // max(1, chunk.num_rows))
-            room_rows = rows - n
-            room_bytes = max_bytes - size
-            fit = min(room_rows, room_bytes // per_row)
-            if fit <= 0:
+            want = min(rows - n, chunk.num_rows)
+            fit = _rows_that_fit(chunk, want, max_bytes - size)
+            if fit == 0:
                 if n == 0:
                     fit = 1  # a single row larger than max_bytes still has to move
                 else:
                     yield flush()
                     continue
-            piece = chunk if fit >= chunk.num_rows else chunk.slice(0, fit)
+            piece = chunk if fit == chunk.num_rows else chunk.slice(0, fit)
             pending.append(piece)
-            n += piece.num_rows
-            size += piece.num_rows * per_row
-            chunk = chunk.slice(piece.num_rows) if piece is not chunk else chunk.slice(chunk.num_rows)
-            if n >= rows or size >= max_bytes:
+            n += fit
+            size += piece.nbytes
+            chunk = chunk.slice(fit)
+            if n >= rows or size >= max_bytes or fit < want:  # fit < want: next row is too big
                 yield flush()
     if n:
         yield flush()
+
+
+def _rows_that_fit(chunk: pa.RecordBatch, want: int, room: int) -> int:
+    """The most leading rows of ``chunk`` (at most ``want``) whose Arrow bytes fit in ``room``.
+
+    Measured on the slice itself, not estimated from the chunk's average row: rows of one
+    chunk can differ in width by orders of magnitude (a few wide strings), and an average
+    lets a batch of wide rows overshoot max_bytes many times over. A prefix's size only grows
+    with its length, so a binary search over slice sizes finds the cut.
+    """
+    if room <= 0:
+        return 0
+    if chunk.slice(0, want).nbytes <= room:
+        return want
+    lo, hi = 0, want - 1  # lo fits (0 rows always do); the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if chunk.slice(0, mid).nbytes <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
