@@ -138,14 +138,21 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
+# libc is loaded here, in the parent: dlopen() between fork and exec could deadlock on a
+# loader lock held by another thread at fork time.
+try:
+    _LIBC: Any = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover
+    _LIBC = None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG: if the Python process that started us is killed (SIGKILL, OOM), the
-    # service gets SIGKILL too instead of lingering with 200 MB and its ports. Linux only;
-    # note the signal fires when the *thread* that forked exits, so start from a long-lived one.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
+    # If the Python process that started the service is killed (SIGKILL, OOM), the service
+    # gets SIGKILL too instead of lingering with 200 MB and its ports. Linux only; the signal
+    # fires when the *thread* that forked exits, so start services from a long-lived thread.
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _venv_bin(name: str) -> str | None:
@@ -225,7 +232,7 @@ class _Service:
             env=self._env(),
             cwd=str(self.log_path.parent),
             start_new_session=True,  # own process group: stop() kills the whole tree
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent if _LIBC is not None else None,
         )
         _live.add(self)
 

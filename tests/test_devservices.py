@@ -84,6 +84,9 @@ def test_credentials_are_enforced(s3):
     with pytest.raises(PermissionError):
         anonymous.ls("raw", refresh=True)
 
+    # the server's log (kept next to its data) never holds the secret
+    assert s3.secret not in s3.log_path.read_text(errors="replace")
+
 
 @pytest.mark.s3
 def test_scoped_identity_is_read_only_on_its_bucket(seaweedfs_factory):
