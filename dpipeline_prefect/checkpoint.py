@@ -525,11 +525,16 @@ class CheckpointStore:
             "generation": gen,
         }
         wrong = {k: env.get(k) for k, v in expect.items() if env.get(k) != v}
-        if wrong or not isinstance(env.get("doc"), dict):
-            got = ", ".join(f"{k}={v!r}" for k, v in wrong.items()) or "no document"
+        if wrong:
+            got = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
             raise CheckpointCorruptError(
                 f"checkpoint {self.storage.unstrip(path)} is corrupt: it belongs elsewhere "
                 f"({got}; expected {', '.join(f'{k}={expect[k]!r}' for k in wrong)})",
+                path=self.storage.unstrip(path),
+            )
+        if not isinstance(env.get("doc"), dict):
+            raise CheckpointCorruptError(
+                f"checkpoint {self.storage.unstrip(path)} is corrupt: no document in it",
                 path=self.storage.unstrip(path),
             )
         saved_at = env.get("saved_at")
@@ -553,11 +558,13 @@ class CheckpointStore:
                 # keep every listed generation in `known` so the next save deletes leftovers too
                 self._state[shard] = _KeyState(known=sorted(set(gens)), valid=gen)
             return loaded
-        if missing and not corrupt:
-            # Everything we listed vanished: a writer saved twice between our listing and our
-            # reads. List again; "no checkpoint" would be a lie and could restart the shard.
+        if missing:
+            # Generations we listed vanished: a writer saved twice between our listing and our
+            # reads, so newer ones exist. List again; "no checkpoint" would be a lie and could
+            # restart the shard.
             if relists < _MAX_RELISTS:
                 return self._load_key(shard, self._list_key(shard).gens, relists=relists + 1)
+        if missing and not corrupt:
             path = self.storage.unstrip(self._key_dir(shard))
             raise StorageUnavailableError(
                 f"{path}: checkpoint generations kept disappearing while being read "
