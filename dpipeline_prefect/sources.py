@@ -84,13 +84,28 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
 
 
+def _glob_base(pattern: str) -> str:
+    """The leading path segments of ``pattern`` that hold no glob character."""
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in _GLOB_CHARS):
+            return "/".join(parts[:i])
+    return pattern
+
+
 def list_files(storage: Storage, fmt: str) -> list[str]:
     """Every input file under the source URL: a file, a folder (recursive) or a glob."""
     fs, root = storage.fs, storage.root
     exts = EXTENSIONS[fmt]
     with translate_errors(storage.url):
         if any(c in root for c in _GLOB_CHARS):
-            found = [p for p in fs.glob(root) if not _hidden(posixpath.basename(p))]
+            # Hidden parts are judged below the pattern's fixed prefix, so '**' does not pick
+            # up _staging/ or .cache/ folders, while a pattern that names one still works.
+            base = _glob_base(root)
+            found = [
+                p for p in fs.glob(root)
+                if not _hidden(p[len(base):] if p.startswith(base) else posixpath.basename(p))
+            ]
             found = [p for p in found if fs.isfile(p)]
             if not found:
                 raise missing_source(storage.url)
