@@ -60,6 +60,7 @@ class _Progress:
         )
         self.task = None
         self.rows = 0
+        self.rows_now = 0
         self.t0 = time.perf_counter()
 
     def __call__(self, event: str, p: dict) -> None:
@@ -74,10 +75,13 @@ class _Progress:
             self.rows = p["rows_done"]
             self.task = self.progress.add_task("shards", total=p["shards_total"], completed=p["shards_done"],
                                                rows=self.rows, rate=0.0)
+        elif event == "batch" and self.task is not None:
+            self.rows += p.get("rows", 0)
+            self.rows_now += p.get("rows", 0)
+            rate = self.rows_now / max(1e-9, time.perf_counter() - self.t0)
+            self.progress.update(self.task, rows=self.rows, rate=rate)
         elif event == "shard_done" and self.task is not None:
-            self.rows += p.get("rows_in_now", 0)
-            rate = self.rows / max(1e-9, time.perf_counter() - self.t0)
-            self.progress.update(self.task, advance=1, rows=self.rows, rate=rate)
+            self.progress.update(self.task, advance=1)
 
     def stop(self) -> None:
         self.progress.stop()
@@ -108,14 +112,14 @@ def run(
         from .pipeline import Pipeline
 
         p = Pipeline.from_yaml(pipeline)
-        from . import flows
+        from . import progress
 
         bar = _Progress()
-        flows.progress_hooks.append(bar)
+        progress.hooks.append(bar)
         try:
             summary = p.run(run_key=run_key, restart=restart)
         finally:
-            flows.progress_hooks.remove(bar)
+            progress.hooks.remove(bar)
             bar.stop()
     except Exception as e:  # noqa: BLE001 - every failure ends in one line
         _fail(e, verbose)
@@ -209,6 +213,10 @@ def checkpoints_ls(
 
 
 def _fmt_time(v) -> str:
+    import datetime as dt
+
+    if isinstance(v, dt.datetime):
+        return v.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, (int, float)):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
     return str(v or "")

@@ -231,6 +231,11 @@ class CheckpointConfig(_Model):
 
     path: str = "./.dpipeline/checkpoints/"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    per_batch: bool = Field(
+        True,
+        description="Save progress after every batch (a crashed shard resumes after its last batch). "
+        "False saves only when a shard finishes: a crashed shard is redone from its start.",
+    )
 
 
 class RunnerConfig(_Model):

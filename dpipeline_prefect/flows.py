@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import as_completed
 
+from . import progress
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
@@ -31,18 +32,9 @@ from .sources import InputFile, plan_source, schema_from_b64, schema_to_b64
 from .storage import Storage, cached_storage, join
 from .transforms import load_function, load_transforms
 
-__all__ = ["sharded_pipeline", "execute", "progress_hooks"]
+__all__ = ["sharded_pipeline", "execute"]
 
-# Callables(event: str, payload: dict) the CLI registers to draw its progress bar.
-progress_hooks: list[Callable[[str, dict], None]] = []
-
-
-def _emit(event: str, payload: dict) -> None:
-    for hook in list(progress_hooks):
-        try:
-            hook(event, payload)
-        except Exception:  # noqa: BLE001 - a broken progress bar must not fail a run
-            pass
+_emit = progress.emit
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -187,6 +179,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         logger.info("%d of %d shard(s) already complete: skipped", len(results), len(shards))
 
     errors: list[tuple[str, BaseException]] = []
+    unsubscribe = progress.subscribe(_task_runner(), f"{cfg.name}/{run_key}")
     futures = {shard_task.submit(ctx, s): s for s in todo}
     for fut in as_completed(list(futures)):
         spec = futures.pop(fut)
@@ -199,6 +192,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         results.append(r)
         _emit("shard_done", asdict(r))
         del fut  # release the Dask future: a dead worker must not recompute finished shards
+    unsubscribe()
     if errors:
         label, err = errors[0]
         more = f" (and {len(errors) - 1} other shard(s))" if len(errors) > 1 else ""
@@ -269,6 +263,13 @@ def _keyed_shards(ctx: RunContext, files: list[dict], docs: dict) -> list[ShardS
         specs.append(ShardSpec(sid, labels.get(sid, sid), True, inputs[sid],
                                sum(x["rows"] for x in inputs[sid])))
     return specs
+
+
+def _task_runner():
+    try:
+        return getattr(get_run_context(), "task_runner", None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _flow_run_id() -> str | None:

@@ -28,6 +28,7 @@ from .batching import batches
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
 from .faults import crashpoint
+from .progress import report
 from .shuffle import read_staged
 from .sinks import Sink
 from .sources import InputFile, read_batches, schema_from_b64
@@ -149,11 +150,13 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             bytes_written += w.bytes
             res.rows_in_now += batch.num_rows
             res.bytes_written += w.bytes
-            writer.submit(
-                spec.id,
-                {"done": False, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
-                 "rows_out": rows_out, "bytes_written": bytes_written},
-            )
+            report(f"{cfg.name}/{ctx.run_key}", spec.id, batch.num_rows)
+            if cfg.checkpoint.per_batch:
+                writer.submit(
+                    spec.id,
+                    {"done": False, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
+                     "rows_out": rows_out, "bytes_written": bytes_written},
+                )
         writer.flush()
         crashpoint("after_checkpoint")
     finally:
