@@ -193,9 +193,12 @@ def _text_header(storage: Storage, path: str, fmt: str) -> list[str]:
     import json
 
     try:
-        return list(json.loads(line or b"{}").keys())
+        first = json.loads(line or b"{}")
     except ValueError:
-        raise SourceError(f"{storage.unstrip(path)}: first line is not a JSON object", path=path) from None
+        first = None
+    if not isinstance(first, dict):
+        raise SourceError(f"{storage.unstrip(path)}: first line is not a JSON object", path=path)
+    return list(first.keys())
 
 
 def plan_source(cfg: SourceConfig, storage: Storage | None = None) -> SourcePlan:
@@ -228,6 +231,16 @@ def plan_source(cfg: SourceConfig, storage: Storage | None = None) -> SourcePlan
                     f"{storage.unstrip(paths[0])} at column {col!r}",
                     column=col, path=paths[0], other_path=p,
                 )
+            if cfg.format == "jsonl":
+                # A key may be absent from a line (null), but a key the planned schema does
+                # not have makes the reader fail later with an unnamed "unexpected field".
+                extra = [c for c in h if schema.get_field_index(c) < 0]
+                if extra:
+                    raise SchemaMismatchError(
+                        f"schema mismatch: column {extra[0]!r} is in {storage.unstrip(p)} but "
+                        f"missing from {storage.unstrip(paths[0])}",
+                        column=extra[0], path=paths[0], other_path=p,
+                    )
     return SourcePlan(files, schema, sum(f.size for f in files))
 
 
