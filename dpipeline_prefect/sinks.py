@@ -87,10 +87,15 @@ class Sink:
                     f"columns are: {', '.join(map(str, df.columns))}",
                     field="sink.partition_by",
                 )
-            groups = df.groupby(parts, dropna=False, sort=True, observed=True)
-            for values, part in groups:
+            # Distinct values can share a folder name (e.g. 1 and "1" in an object column):
+            # gather groups by folder, or the second write would replace the first file.
+            by_dir: dict[str, list[pd.DataFrame]] = {}
+            for values, part in df.groupby(parts, dropna=False, sort=True, observed=True):
                 values = values if isinstance(values, tuple) else (values,)
                 dirs = "/".join(f"{quote(str(c), safe='')}={_encode_value(v)}" for c, v in zip(parts, values))
+                by_dir.setdefault(dirs, []).append(part)
+            for dirs, frames in by_dir.items():
+                part = frames[0] if len(frames) == 1 else pd.concat(frames)
                 table = self._table(part.drop(columns=parts))
                 data = self._encode(table)
                 self.storage.write_bytes(self.storage.path(dirs, name), data)
@@ -183,7 +188,7 @@ class Sink:
 def _encode_value(v) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA or v is pd.NaT:
         return _HIVE_NULL
-    s = str(v)
-    if not s:
-        return _HIVE_NULL
-    return quote(s, safe="")
+    # "" stays an empty segment ("col="), as pyarrow's own writer does; pyarrow and DuckDB
+    # read it back as "". Mapping it to the null folder made "" and None rows overwrite
+    # each other's file.
+    return quote(str(v), safe="")
