@@ -174,12 +174,20 @@ class Sink:
                     path=self.storage.url,
                 )
             return
-        with translate_errors(self.storage.url):
-            existing = self.output_files()
+        # Any visible file counts, not only our part-* names: readers of the folder would mix
+        # someone else's data.parquet with this run's rows. Hidden files (_SUCCESS, .tmp) are
+        # skipped by readers and do no harm.
+        root = self.storage.root.rstrip("/")
+        existing = [
+            p for p in self.storage.find(root)
+            if not any(s.startswith(("_", ".")) for s in p[len(root) + 1 :].split("/"))
+        ]
         if existing:
+            ours = all(_NAME_RE.match(p.rsplit("/", 1)[-1]) for p in existing)
             raise TerminalError(
-                f"sink {self.storage.url} already holds {len(existing)} output file(s) of an unknown "
-                "run; empty it or use --restart",
+                f"sink {self.storage.url} already holds {len(existing)} file(s) of an unknown "
+                f"run (e.g. {existing[0].rsplit('/', 1)[-1]}); "
+                + ("empty it or use --restart" if ours else "empty it or choose another folder"),
                 path=self.storage.url,
             )
         self.storage.write_bytes(self.storage.path(MARKER), json.dumps(mine).encode())
