@@ -138,19 +138,25 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
-            df = batch.table.to_pandas()
+            n_rows, offset = batch.num_rows, batch.offset + batch.num_rows
+            # Hand the Arrow buffers over to pandas and drop every other reference, so a
+            # batch is held once (not as Arrow + pandas + output at the same time).
+            table, batch = batch.table, None
+            df = table.to_pandas(split_blocks=True, self_destruct=True)
+            del table
             out = apply_transforms(df, transforms, where=f"shard {spec.label} batch {next_seq}")
+            del df
             crashpoint("before_write")
             w = sink.write_batch(spec.id, next_seq, out)
+            del out
             crashpoint("after_write")
             next_seq += 1
-            offset = batch.offset + batch.num_rows
-            rows_in += batch.num_rows
+            rows_in += n_rows
             rows_out += w.rows
             bytes_written += w.bytes
-            res.rows_in_now += batch.num_rows
+            res.rows_in_now += n_rows
             res.bytes_written += w.bytes
-            report(f"{cfg.name}/{ctx.run_key}", spec.id, batch.num_rows)
+            report(f"{cfg.name}/{ctx.run_key}", spec.id, n_rows)
             if cfg.checkpoint.per_batch:
                 writer.submit(
                     spec.id,

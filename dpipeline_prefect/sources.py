@@ -264,7 +264,8 @@ def read_batches(
         if rg_rows and first_rg >= len(rg_rows):
             return
         with translate_errors(path), storage.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            # pre_buffer coalesces reads: worth it on object stores, only memory on local disk
+            pf = pq.ParquetFile(f, pre_buffer=not storage.is_local)
             groups = list(range(first_rg, pf.metadata.num_row_groups))
             for b in pf.iter_batches(batch_size=chunk_rows, row_groups=groups, use_threads=False):
                 if skip_rows:
