@@ -23,7 +23,7 @@ from . import progress
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
-from .errors import DPipelineError, PipelineChangedError, TerminalError
+from .errors import ConfigError, DPipelineError, PipelineChangedError, TerminalError
 from .sharding import Sharder
 from .shard import RunContext, ShardResult, ShardSpec, process_shard
 from .shuffle import run_map
@@ -70,6 +70,20 @@ def shard_task(ctx: RunContext, spec: ShardSpec) -> dict:
     return asdict(process_shard(ctx, spec))
 
 
+def _check_storage_fits_runner(cfg: PipelineConfig) -> None:
+    """memory:// lives inside one process: Dask worker processes would each see their own."""
+    if cfg.runner.kind != "dask":
+        return
+    for field, url in (("source.path", cfg.source.path), ("sink.path", cfg.sink.path),
+                       ("checkpoint.path", cfg.checkpoint.path)):
+        if url.startswith("memory://"):
+            raise ConfigError(
+                f"{field} {url!r} is in-process memory, which Dask worker processes do not share; "
+                "use runner.kind: threads with memory://, or a local path or s3:// URL",
+                field=field,
+            )
+
+
 def _changed(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -86,6 +100,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     logger = get_run_logger()
     t0 = time.perf_counter()
     validate_run_key(run_key)
+    _check_storage_fits_runner(cfg)
     ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
     store = CheckpointStore(ckpt_storage, cfg.name, run_key)
     sink = Sink(cfg.sink, run_key)

@@ -324,3 +324,38 @@ def test_cli_run_summary_json_and_checkpoint_commands(tmp_path, small):
     assert "c1" not in r.stdout
     r = run_cli("validate", str(p))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pipelines_compose_as_subflows_of_a_user_flow(tmp_path, small):
+    """run_pipeline inside a user's @flow: two pipelines, the second reading the first's output."""
+    import sys
+
+    from prefect.client.orchestration import get_client
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flows.compose_two_pipelines import two_pipelines
+
+    src, df = small
+    first = _cfg(tmp_path, src, sink={"path": str(tmp_path / "stage1")})
+    second = _cfg(tmp_path, tmp_path / "stage1", name="t-second", transforms=[],
+                  sharding={"strategy": "hash", "key": "dest", "shards": 2},
+                  sink={"path": str(tmp_path / "stage2")})
+    p1, p2 = write_yaml(tmp_path / "a.yaml", first), write_yaml(tmp_path / "b.yaml", second)
+    state = two_pipelines(str(p1), str(p2), run_key="c", return_state=True)
+    a, b = state.result()
+    assert a["status"] == b["status"] == "completed"
+    assert_exactly_once(str(tmp_path / "stage2"), reference(df))
+    with get_client(sync_client=True) as client:
+        for summary in (a, b):
+            run = client.read_flow_run(summary["flow_run_id"])
+            assert run.parent_task_run_id is not None  # a subflow, not a separate flow run
+            parent = client.read_task_run(run.parent_task_run_id)
+            assert parent.flow_run_id == state.state_details.flow_run_id
+
+
+def test_memory_storage_is_refused_with_dask_processes(tmp_path, small):
+    src, _ = small
+    cfg = _cfg(tmp_path, src, sink={"path": "memory://x/out"}, runner={"kind": "dask"})
+    with pytest.raises(ConfigError) as e:
+        Pipeline(cfg).run(run_key="m")
+    assert "sink.path" in str(e.value) and "threads" in str(e.value)
