@@ -65,10 +65,13 @@ class _Progress:
 
     def __call__(self, event: str, p: dict) -> None:
         if event == "stage":
+            self.stage_rows, self.stage_t0 = 0, time.perf_counter()
             self.progress.start()
             self.stage = self.progress.add_task("shuffle", total=p["splits"], rows=0, rate=0.0)
         elif event == "split_done":
-            self.progress.advance(self.stage)
+            self.stage_rows += p.get("rows", 0)
+            rate = self.stage_rows / max(1e-9, time.perf_counter() - self.stage_t0)
+            self.progress.update(self.stage, advance=1, rows=self.stage_rows, rate=rate)
         elif event == "start":
             self.t0 = time.perf_counter()
             self.progress.start()

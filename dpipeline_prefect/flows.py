@@ -255,8 +255,9 @@ def _shuffle(ctx: RunContext, files: list[dict], docs: dict, logger) -> int:
     futures = [shuffle_task.submit(ctx, i, files[i]) for i in pending]
     _emit("stage", {"stage": "shuffle", "splits": len(pending)})
     for fut in as_completed(futures):
-        bytes_read += fut.result()["bytes_read"]
-        _emit("split_done", {})
+        res = fut.result()
+        bytes_read += res["bytes_read"]
+        _emit("split_done", {"rows": res["rows_in"]})
     return bytes_read
 
 
