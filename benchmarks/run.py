@@ -36,12 +36,14 @@ Why it is built this way
   check is reported as FAILED and its figures are not used.
 * ``--repeat N`` runs every variant N times, interleaved in rounds, and reports the median;
   the machine has 2 shared cores, so single figures are noisy.
-* ``--profile-variant NAME`` runs that variant's flow/driver process under cProfile and writes
-  the stats to benchmarks/work/ (read them with ``python -m pstats``).
+* ``--profile-variant NAME`` runs that variant under py-spy (``--subprocesses``: the flow
+  process, the Dask nanny and workers; ``pip install py-spy`` into the venv) and prints the
+  functions with the most samples per process role, or with ``--profiler cprofile`` under
+  cProfile (the flow/driver process only). Profiled runs are not used for figures.
 
 Usage::
 
-    .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--only a,b] [--profile-variant NAME]
+    .venv/bin/python benchmarks/run.py [--quick] [--repeat N] [--only a,b] [--profile-variant NAME [--profiler py-spy|cprofile]]
 
 Results: benchmarks/results/latest.md and latest.json (``--quick`` writes quick.md/json).
 """
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import shutil
 import signal
@@ -88,6 +91,10 @@ VARIANTS = {
     "dp-s3-nockpt": "dpipeline files, S3, per_batch: false",
     "dp-hash": "dpipeline hash(carrier, 8), checkpoints local",
     "dp-local-own": "dpipeline files, local, runner starts own cluster",
+}
+CKPT = {
+    "ckpt-local": "checkpoints on local disk",
+    "ckpt-s3": "checkpoints on SeaweedFS S3",
 }
 ORCH = {
     "orch-dp": "dpipeline files strategy (make_task_runner)",
@@ -401,12 +408,46 @@ def child_orch(spec: dict) -> dict:
     return out
 
 
+def child_ckpt(spec: dict) -> dict:
+    """Checkpoint cost on one warm cluster: per_batch true/false runs alternate ``pairs`` times.
+
+    Fresh-process runs differ by cluster start, worker imports and the machine's load far more
+    than by 5%; here those are paid once (warm-up run) and both settings see the same cluster.
+    """
+    from dpipeline_prefect.pipeline import Pipeline
+
+    cluster, start_s = _start_cluster()
+    out: dict = {"cluster_start_s": start_s, "with": [], "without": []}
+
+    def one(per_batch: bool, label: str) -> dict:
+        s = {**spec, "per_batch": per_batch, "out": f"{spec['out']}/{label}", "ckpt": f"{spec['ckpt']}/{label}"}
+        n_hb = len(HEARTBEAT_JOINS)
+        t0 = time.perf_counter()
+        summary = Pipeline(_dp_config(s, cluster.scheduler_address)).run(run_key=label, restart=True)
+        work = time.perf_counter() - t0
+        hb = sum(HEARTBEAT_JOINS[n_hb:])
+        return {"work_s": work, "heartbeat_join_s": hb, "work_s_no_hb": work - hb, "rows_in": summary["rows_in"],
+                "out": s["out"], "duration_s": summary["duration_s"], "load1": os.getloadavg()[0]}
+
+    try:
+        out["warmup"] = one(True, "warmup")
+        for i in range(spec["pairs"]):
+            # alternate which goes first, so a drift in the machine's load hits both alike
+            order = [(True, "with"), (False, "without")] if i % 2 == 0 else [(False, "without"), (True, "with")]
+            for per_batch, key in order:
+                out[key].append(one(per_batch, f"{key}-{i}"))
+    finally:
+        out["cluster_stop_s"] = _stop_cluster(cluster)
+    return out
+
+
 CHILDREN = {
     "pyarrow-loop": child_pyarrow_loop,
     "dask-dataframe": child_dask_dataframe,
     "prefect-stock": child_prefect_stock,
     "dpipeline": child_dpipeline,
     "orch": child_orch,
+    "ckpt": child_ckpt,
 }
 
 
@@ -418,7 +459,7 @@ def child_main(kind: str, spec_path: str, result_path: str) -> None:
 
         prof = cProfile.Profile()
         prof.enable()
-    if kind in ("prefect-stock", "dpipeline", "orch"):
+    if kind in ("prefect-stock", "dpipeline", "orch", "ckpt"):
         _instrument_heartbeat()
     try:
         res = CHILDREN[kind](spec)
@@ -496,6 +537,7 @@ class Bench:
         self.runs: list[dict] = []
         self.orch: dict[str, dict] = {}
         self.seq = 0
+        self.profiles: list[tuple[str, str]] = []
 
     # -- one child run
     def _child(self, kind: str, spec: dict, label: str) -> dict:
@@ -508,8 +550,12 @@ class Bench:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(spec_path), str(result_path)]
+        if spec.get("pyspy"):
+            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses", "--format", "raw",
+                   "--rate", "50", "-o", spec["pyspy"], "--", *cmd]
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(spec_path), str(result_path)],
+            proc = subprocess.Popen(cmd,
                                     cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             sampler = TreeSampler(proc.pid)
             sampler.start()
@@ -534,6 +580,15 @@ class Bench:
             res["error"] = f"child exited with {rc}; log tail:\n" + "\n".join(tail)
         return res
 
+    def _profile_spec(self, name: str, tag: str, spec: dict) -> None:
+        if self.args.profile_variant != name:
+            return
+        if self.args.profiler == "cprofile":
+            spec["profile"] = str(self.work / f"profile-{tag}.pstats")
+        else:
+            spec["pyspy"] = str(self.work / f"profile-{tag}.txt")
+        self.profiles.append((name, spec.get("pyspy") or spec["profile"]))
+
     def run_variant(self, name: str, data: dict, rnd: int) -> dict:
         exp = data["main"]
         tag = f"{name}-r{rnd}"
@@ -550,8 +605,7 @@ class Bench:
             spec["own_cluster"] = name == "dp-local-own"
             if "-s3" in name:
                 spec.update(s3=True, s3_endpoint=self.s3.endpoint_url, ckpt=f"s3://ckpt/bench/{self.stamp}/{tag}")
-        if self.args.profile_variant == name:
-            spec["profile"] = str(self.work / f"profile-{tag}.pstats")
+        self._profile_spec(name, tag, spec)
         print(f"  [{rnd}] {name:<16} ", end="", flush=True)
         res = self._child(kind, spec, tag)
         res.update(variant=name, round=rnd)
@@ -583,8 +637,7 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         spec = {"who": who, "srcs": [data["tiny-2"]["path"], data[big]["path"]], "labels": ["tiny-2", big],
                 "out": str(out), "ckpt": str(self.work / "ckpt" / tag), "pairs": self.args.orch_pairs}
-        if self.args.profile_variant == f"orch-{who}":
-            spec["profile"] = str(self.work / f"profile-{tag}.pstats")
+        self._profile_spec(f"orch-{who}", tag, spec)
         print(f"  [{rnd}] orch-{who:<11} ", end="", flush=True)
         res = self._child("orch", spec, tag)
         res.update(variant=f"orch-{who}", round=rnd)
@@ -608,6 +661,42 @@ class Bench:
             print(f"2 files {_fmt_list(small)} s, {extra + 2} files {_fmt_list(large)} s -> "
                   f"{res['per_shard_s'] * 1e3:.1f} ms/shard  {'ok' if not bad else 'OUTPUT CHECK FAILED: ' + bad[0]}",
                   flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(self.work / "ckpt" / tag, ignore_errors=True)
+        self.runs.append(res)
+        return res
+
+    def run_ckpt(self, where: str, data: dict, rnd: int) -> dict:
+        exp = data["main"]
+        tag = f"ckpt-{where}-r{rnd}"
+        out = self.work / "out" / tag
+        shutil.rmtree(out, ignore_errors=True)
+        spec = {"src": exp["path"], "out": str(out), "ckpt": str(self.work / "ckpt" / tag), "pairs": self.args.ckpt_pairs}
+        if where == "s3":
+            spec.update(s3=True, s3_endpoint=self.s3.endpoint_url, ckpt=f"s3://ckpt/bench/{self.stamp}/{tag}")
+        self._profile_spec(f"ckpt-{where}", tag, spec)
+        print(f"  [{rnd}] ckpt-{where:<11} ", end="", flush=True)
+        res = self._child("ckpt", spec, tag)
+        res.update(variant=f"ckpt-{where}", round=rnd)
+        if "error" in res:
+            print("FAILED\n" + res["error"], flush=True)
+        else:
+            bad = []
+            for key in ("with", "without"):
+                for r in res[key]:
+                    r["verify"] = verify_output(r["out"], exp)
+                    if r["rows_in"] != exp["rows_in"]:
+                        r["verify"] = {"ok": False, "why": f"rows read {r['rows_in']:,} != {exp['rows_in']:,}"}
+                    if not r["verify"]["ok"]:
+                        bad.append(f"{key}: {r['verify']['why']}")
+            w = statistics.median(r["work_s_no_hb"] for r in res["with"])
+            wo = statistics.median(r["work_s_no_hb"] for r in res["without"])
+            res["rows_per_s_with"], res["rows_per_s_without"] = exp["rows_in"] / w, exp["rows_in"] / wo
+            res["cost"] = (res["rows_per_s_without"] - res["rows_per_s_with"]) / res["rows_per_s_without"]
+            res["verify"] = {"ok": not bad, "why": "; ".join(bad)}
+            print(f"with {_fmt_list(r['work_s_no_hb'] for r in res['with'])} s, without "
+                  f"{_fmt_list(r['work_s_no_hb'] for r in res['without'])} s -> cost {res['cost'] * 100:+.1f}%  "
+                  f"{'ok' if not bad else 'OUTPUT CHECK FAILED: ' + bad[0]}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(self.work / "ckpt" / tag, ignore_errors=True)
         self.runs.append(res)
@@ -650,10 +739,13 @@ class Bench:
             shutil.rmtree(self.work / "out" / "warmup", ignore_errors=True)
             names = [n for n in VARIANTS if not a.only or n in a.only]
             orch = [w for w in ("dp", "stock") if not a.only or f"orch-{w}" in a.only]
+            ckpt = [w for w in ("local", "s3") if not a.only or f"ckpt-{w}" in a.only]
             for rnd in range(1, a.repeat + 1):
                 print(f"round {rnd}/{a.repeat}", flush=True)
                 for n in names:
                     self.run_variant(n, data, rnd)
+                for w in ckpt:
+                    self.run_ckpt(w, data, rnd)
                 for w in orch:
                     self.run_orch(w, data, rnd)
             services_rss = _rss_of([prefect_srv.pid, s3.pid])
@@ -670,6 +762,9 @@ class Bench:
         (RESULTS / f"{base}.json").write_text(json.dumps(report["json"], indent=1, default=str))
         (RESULTS / f"{base}.md").write_text(report["md"])
         print("\n" + report["md"])
+        for name, path in self.profiles:
+            print(f"\nprofile of {name}: {Path(path).relative_to(ROOT)}")
+            print(summarize_profile(path))
         print(f"written: {(RESULTS / (base + '.md')).relative_to(ROOT)}, {(RESULTS / (base + '.json')).relative_to(ROOT)}")
         failed = [r for r in self.runs if "error" in r or not r.get("verify", {}).get("ok")]
         return 1 if failed else 0
@@ -692,6 +787,7 @@ class Bench:
             agg[v] = {k: med(v, k) for k in ("rows_per_s", "rows_per_s_work", "wall_s", "work_s", "cluster_start_s",
                                               "cluster_stop_s", "peak_rss", "load1")}
             agg[v]["n"] = len(runs)
+            agg[v]["heartbeat_join_s"] = statistics.median(sum(r.get("heartbeat_joins_s") or [0.0]) for r in runs)
             agg[v]["rows_per_s_all"] = [round(r["rows_per_s"]) for r in runs]
             agg[v]["rows_per_s_work_all"] = [round(r["rows_per_s_work"]) for r in runs]
         orch = {}
@@ -715,6 +811,16 @@ class Bench:
                 return (agg[without_v][key] - agg[with_v][key]) / agg[without_v][key]
             return None
 
+        ckpt = {}
+        for v in CKPT:
+            runs = [r for r in ok_runs if r["variant"] == v]
+            if runs:
+                withs = [x["work_s_no_hb"] for r in runs for x in r["with"]]
+                withouts = [x["work_s_no_hb"] for r in runs for x in r["without"]]
+                rw, rwo = data["main"]["rows_in"] / statistics.median(withs), data["main"]["rows_in"] / statistics.median(withouts)
+                ckpt[v] = {"rows_per_s_with": rw, "rows_per_s_without": rwo, "cost": (rwo - rw) / rwo,
+                           "with_s": withs, "without_s": withouts}
+
         targets = []
         for key, what in (("rows_per_s", "end to end"), ("rows_per_s_work", "work only")):
             x, y = (agg.get("dp-s3") or {}).get(key), (agg.get("dask-dataframe") or {}).get(key)
@@ -722,7 +828,13 @@ class Bench:
                 targets.append({"target": f"dpipeline S3 checkpoints >= dask.dataframe rows/s ({what})",
                                 "met": x >= y, "value": f"{x / 1e6:.2f} vs {y / 1e6:.2f} M rows/s ({x / y:.2f}x)"})
         for where in ("local", "s3"):
-            for key, what in (("rows_per_s_work", "work only"), ("rows_per_s", "end to end")):
+            if f"ckpt-{where}" in ckpt:
+                c = ckpt[f"ckpt-{where}"]
+                targets.append({"target": f"checkpoint cost < 5%, {where} (paired runs on one warm cluster)",
+                                "met": c["cost"] < TARGET_CKPT_COST,
+                                "value": f"{c['cost'] * 100:+.1f}% ({c['rows_per_s_with'] / 1e6:.2f} with vs "
+                                         f"{c['rows_per_s_without'] / 1e6:.2f} M rows/s without)"})
+            for key, what in (("rows_per_s_work", "fresh processes, work only"), ("rows_per_s", "fresh processes, end to end")):
                 c = cost(f"dp-{where}", f"dp-{where}-nockpt", key)
                 if c is not None:
                     targets.append({"target": f"checkpoint cost < 5%, {where} ({what})", "met": c < TARGET_CKPT_COST,
@@ -751,8 +863,8 @@ class Bench:
         L.append("> **Noise caveat.** The machine has 2 cores shared with other agents working at the same time "
                  f"(load average {machine['load_start']} at start; per-run load is in the JSON). Treat the figures as "
                  f"orders of magnitude; each figure is the median of {a.repeat} interleaved run(s).\n")
-        L.append("| variant | rows/s end to end | rows/s work only | wall s | cluster start+stop s | peak RSS MiB | vs dask.dataframe | vs pyarrow loop |")
-        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        L.append("| variant | rows/s end to end | rows/s work only | wall s | cluster start+stop s | of which heartbeat wait s | peak RSS MiB | vs dask.dataframe | vs pyarrow loop |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for v, desc in VARIANTS.items():
             if v not in agg:
                 continue
@@ -763,15 +875,28 @@ class Bench:
             r_pa_w = ratio(v, "pyarrow-loop", "rows_per_s_work")
             cs = g["cluster_start_s"] + g["cluster_stop_s"]
             L.append(f"| {desc} (`{v}`) | {g['rows_per_s'] / 1e6:.2f} M | {g['rows_per_s_work'] / 1e6:.2f} M | "
-                     f"{g['wall_s']:.1f} | {cs:.1f} | {g['peak_rss'] / 2**20:,.0f} | "
+                     f"{g['wall_s']:.1f} | {cs:.1f} | {g['heartbeat_join_s']:.1f} | {g['peak_rss'] / 2**20:,.0f} | "
                      f"{_fmt_ratio(r_dd)} ({_fmt_ratio(r_dd_w)}) | {_fmt_ratio(r_pa)} ({_fmt_ratio(r_pa_w)}) |")
         L.append("\nrows/s = rows read / wall seconds. *End to end* includes starting and stopping the Dask cluster; "
                  "*work only* excludes it (for `dp-local-own` the runner starts its own cluster inside the run, so "
-                 "both figures include it). Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
+                 "both figures include it). *Heartbeat wait*: the part of the wall time a Prefect flow run spends at its end joining Prefect's heartbeat thread (0-1 s, see below); it is included in both rows/s figures. Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
                  "variant's process tree (flow/driver process, Dask nanny and workers), sampled every 0.2 s; the "
                  "Prefect server and SeaweedFS are outside it"
                  + (f" (their RSS at the end: Prefect server {services_rss.get('prefect', 0) / 2**20:,.0f} MiB, "
                     f"SeaweedFS {services_rss.get('s3', 0) / 2**20:,.0f} MiB)." if services_rss else ".") + "\n")
+        if ckpt:
+            L.append(f"**Checkpoint cost, paired** (one warm cluster per storage; after a warm-up run, "
+                     f"`per_batch: true` and `false` runs alternate {a.ckpt_pairs} time(s) per round; wall seconds of "
+                     "each run without the heartbeat-join wait; cost = (rows/s without - rows/s with) / rows/s without, "
+                     "on medians):\n")
+            L.append("| checkpoints | rows/s with | rows/s without | cost | runs with (s) | runs without (s) |")
+            L.append("| --- | ---: | ---: | ---: | --- | --- |")
+            for v, desc in CKPT.items():
+                if v in ckpt:
+                    c = ckpt[v]
+                    L.append(f"| {desc} | {c['rows_per_s_with'] / 1e6:.2f} M | {c['rows_per_s_without'] / 1e6:.2f} M | "
+                             f"{c['cost'] * 100:+.1f}% | {_fmt_list(c['with_s'])} | {_fmt_list(c['without_s'])} |")
+            L.append("")
         if orch:
             L.append(f"**Orchestration cost per shard** (tiny files of {TINY_ROWS} rows; on one running cluster, after "
                      f"a warm-up run, flows over 2 files and over {a.tiny_files} files alternate {a.orch_pairs} times; "
@@ -804,9 +929,53 @@ class Bench:
             L.append("")
         md = "\n".join(L)
         js = {"started": started.isoformat(), "finished": finished.isoformat(), "argv": sys.argv[1:], "machine": machine,
-              "versions": versions, "data": data, "aggregate": agg, "orchestration": orch, "targets": targets,
+              "versions": versions, "data": data, "aggregate": agg, "orchestration": orch, "checkpoint_cost": ckpt, "targets": targets,
               "services_rss": services_rss, "runs": self.runs}
         return {"md": md, "json": js}
+
+
+def summarize_profile(path: str, top: int = 25) -> str:
+    """The functions with the most samples (inclusive and own), per process role."""
+    if path.endswith(".pstats"):
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(path, stream=buf).sort_stats("cumulative").print_stats(top)
+        return buf.getvalue()
+    from collections import Counter, defaultdict
+
+    incl: dict[str, Counter] = defaultdict(Counter)
+    own: dict[str, Counter] = defaultdict(Counter)
+    totals: Counter = Counter()
+    proc_re = re.compile(r'^((?:process \d+:"[^"]*"(?:;|$))+)(.*)$')
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        role = "other"
+        m = proc_re.match(stack)
+        if m:  # py-spy prefixes the process chain (parent first); the last one is the sampled process
+            head = m.group(1).rstrip(";").split('";process ')[-1]
+            stack = m.group(2)
+            role = ("flow/driver process" if "--child" in head else
+                    "dask worker/nanny processes" if "spawn_main" in head else head[:60])
+        # thread frames ("thread (0x...)") are left out: functions are what the lead acts on
+        frames = [f for f in stack.split(";") if f and not f.startswith("thread ")]
+        if not frames:
+            continue
+        totals[role] += int(n)
+        for f in set(frames):
+            incl[role][f] += int(n)
+        own[role][frames[-1]] += int(n)
+    out = []
+    for role, total in totals.most_common():
+        out.append(f"== {role}: {total} samples (50/s, running threads only)")
+        out.append("   inclusive:")
+        out += [f"   {c / total * 100:5.1f}%  {f}" for f, c in incl[role].most_common(top)]
+        out.append("   own:")
+        out += [f"   {c / total * 100:5.1f}%  {f}" for f, c in own[role].most_common(top // 2)]
+    return "\n".join(out)
 
 
 def _fmt_list(xs) -> str:
@@ -871,15 +1040,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: flights x 3 in 8 files, 20 tiny files")
     p.add_argument("--repeat", type=int, default=None, help="runs per variant, interleaved (default: 2 full, 1 quick)")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help="comma-separated variants to run: " + ", ".join([*VARIANTS, *ORCH]))
-    p.add_argument("--profile-variant", default=None, help="run this variant's flow/driver process under cProfile")
+                   help="comma-separated variants to run: " + ", ".join([*VARIANTS, *CKPT, *ORCH]))
+    p.add_argument("--profile-variant", default=None, help="profile this variant's runs (not used for figures)")
+    p.add_argument("--profiler", choices=("py-spy", "cprofile"), default="py-spy")
     args = p.parse_args(argv)
     args.data_repeat, args.files, args.tiny_files = (3, 8, 20) if args.quick else (15, 20, 120)
     args.orch_pairs = 2 if args.quick else 3
+    args.ckpt_pairs = 1 if args.quick else 3
     if args.repeat is None:
         args.repeat = 1 if args.quick else 2
     if args.only:
-        unknown = [x for x in args.only if x not in VARIANTS and x not in ORCH]
+        unknown = [x for x in args.only if x not in VARIANTS and x not in ORCH and x not in CKPT]
         if unknown:
             p.error(f"unknown variant(s): {', '.join(unknown)}")
     return args
