@@ -55,6 +55,7 @@ import json
 import os
 import re
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -549,6 +550,8 @@ class Bench:
         log_path = self.work / "logs" / f"{self.seq:03d}-{label}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         load = os.getloadavg()[0]
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        svc0 = self._services_cpu()
         t0 = time.perf_counter()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(spec_path), str(result_path)]
         if spec.get("pyspy"):
@@ -571,7 +574,12 @@ class Bench:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        svc1 = self._services_cpu()
         res: dict = {"label": label, "rc": rc, "process_s": time.perf_counter() - t0, "load1": load,
+                     # CPU of the whole child tree (reaped descendants add to RUSAGE_CHILDREN), imports included
+                     "cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+                     "services_cpu_s": {k: svc1[k] - svc0[k] for k in svc1 if k in svc0},
                      "peak_rss": sampler.peak, "peak_procs": sampler.peak_procs, "log": str(log_path.relative_to(ROOT))}
         if rc == 0 and result_path.exists():
             res.update(json.loads(result_path.read_text()))
@@ -579,6 +587,21 @@ class Bench:
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
             res["error"] = f"child exited with {rc}; log tail:\n" + "\n".join(tail)
         return res
+
+    def _services_cpu(self) -> dict:
+        """CPU seconds used so far by the Prefect server and SeaweedFS (each with its children)."""
+        import psutil
+
+        out = {}
+        for name, srv in (("prefect", getattr(self, "prefect_srv", None)), ("s3", getattr(self, "s3", None))):
+            if srv is None or srv.pid is None:
+                continue
+            try:
+                p = psutil.Process(srv.pid)
+                out[name] = sum(sum(q.cpu_times()[:2]) for q in [p, *p.children(recursive=True)])
+            except psutil.Error:
+                pass
+        return out
 
     def _profile_spec(self, name: str, tag: str, spec: dict) -> None:
         if self.args.profile_variant != name:
@@ -657,6 +680,11 @@ class Bench:
             res["per_shard_s_raw"] = (statistics.median(r["work_s"] for r in res["runs"][big])
                                       - statistics.median(r["work_s"] for r in res["runs"]["tiny-2"])) / extra
             res["small_s"], res["large_s"] = small, large
+            n_tasks = res["warmup"]["files"] + sum(r["files"] for runs in res["runs"].values() for r in runs)
+            res["task_runs"] = n_tasks
+            # whole child (imports, cluster start, warm-up included): an upper bound per task run
+            res["cpu_ms_per_task"] = res["cpu_s"] / n_tasks * 1e3
+            res["prefect_cpu_ms_per_task"] = res["services_cpu_s"].get("prefect", 0.0) / n_tasks * 1e3
             res["verify"] = {"ok": not bad, "why": "; ".join(bad)}
             print(f"2 files {_fmt_list(small)} s, {extra + 2} files {_fmt_list(large)} s -> "
                   f"{res['per_shard_s'] * 1e3:.1f} ms/shard  {'ok' if not bad else 'OUTPUT CHECK FAILED: ' + bad[0]}",
@@ -713,7 +741,7 @@ class Bench:
         self.work.mkdir(parents=True)
         client_home = tempfile.mkdtemp(prefix="dpipeline-bench-prefect-home-")
         # Services first (the Prefect server takes ~30 s to answer): data is generated meanwhile.
-        prefect_srv = PrefectServer(self.work / "prefect-server", ui=False)
+        prefect_srv = self.prefect_srv = PrefectServer(self.work / "prefect-server", ui=False)
         s3 = self.s3 = SeaweedFS(self.work / "seaweedfs", buckets=("ckpt",))
         for var in [v for v in self.env if v.startswith("PREFECT_")]:
             del self.env[var]
@@ -785,7 +813,9 @@ class Bench:
             if not runs:
                 continue
             agg[v] = {k: med(v, k) for k in ("rows_per_s", "rows_per_s_work", "wall_s", "work_s", "cluster_start_s",
-                                              "cluster_stop_s", "peak_rss", "load1")}
+                                              "cluster_stop_s", "peak_rss", "load1", "cpu_s")}
+            agg[v]["prefect_cpu_s"] = statistics.median(r["services_cpu_s"].get("prefect", 0.0) for r in runs)
+            agg[v]["s3_cpu_s"] = statistics.median(r["services_cpu_s"].get("s3", 0.0) for r in runs)
             agg[v]["n"] = len(runs)
             agg[v]["heartbeat_join_s"] = statistics.median(sum(r.get("heartbeat_joins_s") or [0.0]) for r in runs)
             agg[v]["rows_per_s_all"] = [round(r["rows_per_s"]) for r in runs]
@@ -797,6 +827,8 @@ class Bench:
                 orch[v] = {"per_shard_s": statistics.median(r["per_shard_s"] for r in runs),
                            "all_ms": [round(r["per_shard_s"] * 1e3, 1) for r in runs],
                            "per_shard_s_raw": statistics.median(r["per_shard_s_raw"] for r in runs),
+                           "cpu_ms_per_task": statistics.median(r["cpu_ms_per_task"] for r in runs),
+                           "prefect_cpu_ms_per_task": statistics.median(r["prefect_cpu_ms_per_task"] for r in runs),
                            "peak_rss": statistics.median(r["peak_rss"] for r in runs), "n": len(runs),
                            "small": " / ".join(_fmt_list(r["small_s"]) for r in runs),
                            "large": " / ".join(_fmt_list(r["large_s"]) for r in runs)}
@@ -863,8 +895,8 @@ class Bench:
         L.append("> **Noise caveat.** The machine has 2 cores shared with other agents working at the same time "
                  f"(load average {machine['load_start']} at start; per-run load is in the JSON). Treat the figures as "
                  f"orders of magnitude; each figure is the median of {a.repeat} interleaved run(s).\n")
-        L.append("| variant | rows/s end to end | rows/s work only | wall s | cluster start+stop s | of which heartbeat wait s | peak RSS MiB | vs dask.dataframe | vs pyarrow loop |")
-        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        L.append("| variant | rows/s end to end | rows/s work only | wall s | cluster start+stop s | of which heartbeat wait s | CPU s (process tree) | CPU s Prefect server + S3 | peak RSS MiB | vs dask.dataframe | vs pyarrow loop |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for v, desc in VARIANTS.items():
             if v not in agg:
                 continue
@@ -875,11 +907,12 @@ class Bench:
             r_pa_w = ratio(v, "pyarrow-loop", "rows_per_s_work")
             cs = g["cluster_start_s"] + g["cluster_stop_s"]
             L.append(f"| {desc} (`{v}`) | {g['rows_per_s'] / 1e6:.2f} M | {g['rows_per_s_work'] / 1e6:.2f} M | "
-                     f"{g['wall_s']:.1f} | {cs:.1f} | {g['heartbeat_join_s']:.1f} | {g['peak_rss'] / 2**20:,.0f} | "
+                     f"{g['wall_s']:.1f} | {cs:.1f} | {g['heartbeat_join_s']:.1f} | {g['cpu_s']:.1f} | "
+                     f"{g['prefect_cpu_s']:.1f} + {g['s3_cpu_s']:.1f} | {g['peak_rss'] / 2**20:,.0f} | "
                      f"{_fmt_ratio(r_dd)} ({_fmt_ratio(r_dd_w)}) | {_fmt_ratio(r_pa)} ({_fmt_ratio(r_pa_w)}) |")
         L.append("\nrows/s = rows read / wall seconds. *End to end* includes starting and stopping the Dask cluster; "
                  "*work only* excludes it (for `dp-local-own` the runner starts its own cluster inside the run, so "
-                 "both figures include it). *Heartbeat wait*: the part of the wall time a Prefect flow run spends at its end joining Prefect's heartbeat thread (0-1 s, see below); it is included in both rows/s figures. Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
+                 "both figures include it). *Heartbeat wait*: the part of the wall time a Prefect flow run spends at its end joining Prefect's heartbeat thread (0-1 s, see below); it is included in both rows/s figures. *CPU s*: user+system seconds of the variant's whole process tree for the whole child process (Python imports, cluster start and stop included), and of the Prefect server and SeaweedFS during the run; on 2 shared cores, CPU seconds are steadier than wall seconds. Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
                  "variant's process tree (flow/driver process, Dask nanny and workers), sampled every 0.2 s; the "
                  "Prefect server and SeaweedFS are outside it"
                  + (f" (their RSS at the end: Prefect server {services_rss.get('prefect', 0) / 2**20:,.0f} MiB, "
@@ -904,14 +937,17 @@ class Bench:
                      "ends by joining Prefect's heartbeat thread (`prefect.flow_engine._send_heartbeats`), which "
                      "sleeps in 1 s steps: a fixed 0-1 s per run that quantizes wall times to about 1 s. The benchmark "
                      "times that wait in each run and the first column subtracts it; the raw-wall column does not. "
-                     "Wall times below exclude the wait):\n")
-            L.append(f"| runner | ms per shard | ms per shard, raw wall | wall s, 2 files | wall s, {a.tiny_files} files | peak RSS MiB |")
-            L.append("| --- | ---: | ---: | --- | --- | ---: |")
+                     "Wall times below exclude the wait. CPU per task run: CPU seconds of the whole orchestration "
+                     "child (imports, cluster start and the warm-up included, so an upper bound) and of the Prefect "
+                     "server during it, divided by the task runs it made):\n")
+            L.append(f"| runner | ms per shard | ms per shard, raw wall | wall s, 2 files | wall s, {a.tiny_files} files | CPU ms per task run: process tree / Prefect server | peak RSS MiB |")
+            L.append("| --- | ---: | ---: | --- | --- | ---: | ---: |")
             for v, desc in ORCH.items():
                 if v in orch:
                     o = orch[v]
                     L.append(f"| {desc} | {o['per_shard_s'] * 1e3:.1f} (rounds: {', '.join(f'{x:.1f}' for x in o['all_ms'])}) | "
-                             f"{o['per_shard_s_raw'] * 1e3:.1f} | {o['small']} | {o['large']} | {o['peak_rss'] / 2**20:,.0f} |")
+                             f"{o['per_shard_s_raw'] * 1e3:.1f} | {o['small']} | {o['large']} | "
+                             f"{o['cpu_ms_per_task']:.0f} / {o['prefect_cpu_ms_per_task']:.0f} | {o['peak_rss'] / 2**20:,.0f} |")
             L.append("")
         if targets:
             L.append("**Targets:**\n")
