@@ -402,7 +402,18 @@ class CheckpointStore:
         3
     """
 
-    def __init__(self, storage: Storage, pipeline: str, run_key: str) -> None:
+    def __init__(self, storage: Storage, pipeline: str, run_key: str, prune_every: int = 1) -> None:
+        """
+        Args:
+            storage: where the checkpoints live.
+            pipeline: the pipeline's name.
+            run_key: the run's key.
+            prune_every: delete superseded generations once this many have piled up (in one
+                request). 1 deletes after every save; a shard saving after every batch uses
+                more, halving its requests on object stores, and calls :meth:`prune` when done.
+                Latest and previous generations are kept whatever the value.
+        """
+        self.prune_every = max(1, int(prune_every))
         self.storage = storage
         self.pipeline = _check_name(pipeline, "pipeline")
         self.run_key = _check_name(run_key, "run_key")
@@ -456,6 +467,19 @@ class CheckpointStore:
             The generation written.
         """
         return self._save(_check_name(shard_id, "shard_id"), doc)
+
+    def prune(self, shard_id: str) -> None:
+        """Delete every generation of ``shard_id`` but the latest and the previous one."""
+        st = self._state_for(_check_name(shard_id, "shard_id"))
+        if st.valid is None:
+            return
+        previous = max((g for g in st.known if g < st.valid), default=None)
+        doomed = [g for g in st.known if g not in (st.valid, previous)]
+        if doomed:
+            self.storage.rm_many([self._path(shard_id, g) for g in doomed])
+            with self._lock:
+                self._state[shard_id] = _KeyState(
+                    known=sorted(g for g in st.known if g not in doomed), valid=st.valid)
 
     def load_shard(self, shard_id: str) -> dict[str, Any] | None:
         """The latest valid document of one shard, or None when it has none.
@@ -628,7 +652,7 @@ class CheckpointStore:
         # store knows of (normally just gen-2, plus any corrupt or leftover generation seen at
         # load) is deleted by name. A failed delete is housekeeping, not a failed save.
         doomed = [g for g in st.known if g != st.valid]
-        if doomed:
+        if len(doomed) >= self.prune_every:
             try:
                 self.storage.rm_many([self._path(shard, g) for g in doomed])
                 doomed = []

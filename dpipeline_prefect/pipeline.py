@@ -45,8 +45,19 @@ class Pipeline:
         the run fails; re-running the same run key resumes from the checkpoints.
         """
         _make_importable(self.base_dir)
+        runner = self.config.runner
+        if runner.kind == "dask" and not runner.address:
+            # Start the workers now: they import what shards need while this process imports
+            # Prefect and creates the flow run (see cluster.py).
+            from .cluster import EarlyCluster
+
+            with EarlyCluster(runner.workers, runner.threads_per_worker) as cluster:
+                flow = _flow_for(self.config, cluster)
+                with prefect_api():
+                    return flow(pipeline=self.config, run_key=run_key, restart=restart)
+        flow = _flow_for(self.config)
         with prefect_api():
-            return _flow_for(self.config)(pipeline=self.config, run_key=run_key, restart=restart)
+            return flow(pipeline=self.config, run_key=run_key, restart=restart)
 
 
 def run_pipeline(pipeline: Pipeline | PipelineConfig | str, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
@@ -59,12 +70,12 @@ def run_pipeline(pipeline: Pipeline | PipelineConfig | str, run_key: str = "defa
     return _flow_for(pipeline.config)(pipeline=pipeline.config, run_key=run_key, restart=restart)
 
 
-def _flow_for(cfg: PipelineConfig):
+def _flow_for(cfg: PipelineConfig, cluster=None):
     from .flows import sharded_pipeline
     from .runner import make_task_runner
 
     return sharded_pipeline.with_options(
-        task_runner=make_task_runner(cfg.runner),
+        task_runner=make_task_runner(cfg.runner, address=cluster.address() if cluster else None),
         flow_run_name=f"{cfg.name}-{{run_key}}",
     )
 

@@ -628,7 +628,7 @@ def check_workers(client: distributed.Client, cached: bool = False) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def make_task_runner(runner_cfg: RunnerConfig) -> TaskRunner[Any]:
+def make_task_runner(runner_cfg: RunnerConfig, address: str | None = None) -> TaskRunner[Any]:
     """Build the Prefect task runner described by a :class:`~dpipeline_prefect.config.RunnerConfig`.
 
     Args:
@@ -638,26 +638,21 @@ def make_task_runner(runner_cfg: RunnerConfig) -> TaskRunner[Any]:
             a ``distributed.LocalCluster`` of ``workers`` processes (default: CPU count) with
             ``threads_per_worker`` threads each, no dashboard (the scheduler's HTTP endpoint
             on a random port), Dask logs at WARNING.
+        address: a running cluster to use instead (e.g. one started early by
+            :class:`~dpipeline_prefect.cluster.EarlyCluster`); overrides ``runner_cfg.address``.
 
     Returns:
         A task runner to pass as ``@flow(task_runner=...)`` or ``flow.with_options``.
     """
+    from .cluster import local_cluster_kwargs
+
     if runner_cfg.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=runner_cfg.workers or os.cpu_count() or 1)
-    if runner_cfg.address:
-        return FastDaskTaskRunner(address=runner_cfg.address)
+    if address or runner_cfg.address:
+        return FastDaskTaskRunner(address=address or runner_cfg.address)
     return FastDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": runner_cfg.workers or os.cpu_count() or 1,
-            "threads_per_worker": runner_cfg.threads_per_worker,
-            "processes": True,
-            "dashboard_address": None,
-            # No dashboard, but the scheduler still serves /health and /metrics over HTTP on
-            # 8787 unless told otherwise: a random port lets several clusters coexist.
-            "scheduler_kwargs": {"dashboard_address": ":0"},
-            "silence_logs": logging.WARNING,
-        },
+        cluster_kwargs=local_cluster_kwargs(runner_cfg.workers, runner_cfg.threads_per_worker),
     )

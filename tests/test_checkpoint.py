@@ -575,3 +575,16 @@ def test_store_saves_surface_storage_errors(storage_url):
     assert info.value.transient
     # nothing was written, and the next good save starts at generation 1
     assert store.load_shard("bad") is None
+
+
+def test_prune_every_batches_deletes_and_prune_leaves_latest_and_previous(storage):
+    store = CheckpointStore(storage, "p", "r", prune_every=4)
+    counts = []
+    for i in range(1, 12):
+        store.save_shard("s1", {"i": i})
+        counts.append(len(_gens(storage, store._key_dir("s1"))))
+    # superseded generations pile up to prune_every, then go in one delete; never unbounded
+    assert max(counts) <= 5 and min(counts[4:]) < max(counts)
+    store.prune("s1")
+    assert _gens(storage, store._key_dir("s1")) == [10, 11]
+    assert CheckpointStore(storage, "p", "r").load_shard("s1") == {"i": 11}

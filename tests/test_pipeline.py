@@ -305,7 +305,7 @@ def test_cli_run_summary_json_and_checkpoint_commands(tmp_path, small):
     src, df = small
     cfg = _cfg(tmp_path, src, sharding={"strategy": "hash", "key": "carrier", "shards": 2})
     p = write_yaml(tmp_path / "p.yaml", cfg)
-    r = run_cli("run", str(p), "--run-key", "c1", "--summary-json", str(tmp_path / "s.json"))
+    r = run_cli("run", str(p), "--run-key", "key-c1", "--summary-json", str(tmp_path / "s.json"))
     assert r.returncode == 0, r.stderr
     import json
 
@@ -314,14 +314,14 @@ def test_cli_run_summary_json_and_checkpoint_commands(tmp_path, small):
               "batches_reprocessed", "bytes_read", "duration_s", "rows_per_s", "flow_run_id"):
         assert k in s
     assert s["rows_in"] == len(df) and s["status"] == "completed"
-    r = run_cli("run", str(p), "--run-key", "c1")
+    r = run_cli("run", str(p), "--run-key", "key-c1")
     assert r.returncode == 0 and "already complete" in r.stdout
     r = run_cli("checkpoints", "ls", str(p))
-    assert r.returncode == 0 and "c1" in r.stdout and "completed" in r.stdout
+    assert r.returncode == 0 and "key-c1" in r.stdout and "completed" in r.stdout
     r = run_cli("checkpoints", "gc", str(p), "--keep", "0")
     assert r.returncode == 0, r.stderr
     r = run_cli("checkpoints", "ls", str(p))
-    assert "c1" not in r.stdout
+    assert "key-c1" not in r.stdout
     r = run_cli("validate", str(p))
     assert r.returncode == 0, r.stdout + r.stderr
 

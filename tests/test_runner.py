@@ -163,6 +163,7 @@ def test_make_task_runner_dask_local_and_address():
         "dashboard_address": None,
         "scheduler_kwargs": {"dashboard_address": ":0"},
         "silence_logs": logging.WARNING,
+        "preload": ["dpipeline_prefect._preload"],
     }
     default = make_task_runner(RunnerConfig(kind="dask"))
     assert default.cluster_kwargs["n_workers"] == (os.cpu_count() or 1)
@@ -171,6 +172,9 @@ def test_make_task_runner_dask_local_and_address():
     assert type(remote) is FastDaskTaskRunner
     assert remote.address == "tcp://10.0.0.1:8786"
     assert remote.cluster_kwargs == {}
+    # a cluster started early by the pipeline overrides the configured address
+    early = make_task_runner(RunnerConfig(kind="dask"), address="tcp://127.0.0.1:1234")
+    assert early.address == "tcp://127.0.0.1:1234" and early.cluster_kwargs == {}
 
 
 def test_runner_pickles_and_duplicates():
