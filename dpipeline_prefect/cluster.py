@@ -14,7 +14,7 @@ import os
 import threading
 from typing import Any
 
-__all__ = ["local_cluster_kwargs", "EarlyCluster"]
+__all__ = ["local_cluster_kwargs", "EarlyCluster", "spawn_error"]
 
 
 def local_cluster_kwargs(workers: int | None, threads_per_worker: int = 1, preload: bool = True) -> dict[str, Any]:
@@ -32,6 +32,23 @@ def local_cluster_kwargs(workers: int | None, threads_per_worker: int = 1, prelo
     if preload:
         kwargs["preload"] = ["dpipeline_prefect._preload"]
     return kwargs
+
+
+def spawn_error():
+    """The clear error for a LocalCluster whose worker processes could not start.
+
+    Workers are started with multiprocessing's spawn: they re-import the main module, which
+    fails for code from stdin or runs a script again without a main guard. Dask only says
+    "Nanny failed to start".
+    """
+    from .errors import ConfigError
+
+    return ConfigError(
+        "the local Dask cluster could not start its worker processes. Run the pipeline from a "
+        "script whose entry code sits under `if __name__ == \"__main__\":` (not from stdin), use "
+        "the `dpipeline` command, or set runner.kind: threads",
+        field="runner",
+    )
 
 
 class EarlyCluster:
@@ -59,14 +76,7 @@ class EarlyCluster:
         self._thread.join()
         if self._error is not None:
             if "Nanny failed to start" in str(self._error):
-                from .errors import ConfigError
-
-                raise ConfigError(
-                    "the local Dask cluster could not start its worker processes. Run the pipeline "
-                    "from a script whose entry code sits under `if __name__ == \"__main__\":` (not "
-                    "from stdin), use the `dpipeline` command, or set runner.kind: threads",
-                    field="runner",
-                ) from None
+                raise spawn_error() from None
             raise self._error
         return self._cluster.scheduler_address
 

@@ -244,15 +244,9 @@ class FastDaskTaskRunner(DaskTaskRunner):
         except RuntimeError as exc:
             if "Nanny failed to start" not in str(exc):
                 raise
-            # Worker processes are started with multiprocessing's spawn: they re-import the
-            # main module, which fails for code from stdin or runs the script again without a
-            # main guard. The raw error says neither.
-            raise ConfigError(
-                "the local Dask cluster could not start its worker processes. Run the pipeline "
-                "from a script whose entry code sits under `if __name__ == \"__main__\":` (not "
-                "from stdin), use the `dpipeline` command, or set runner.kind: threads",
-                field="runner",
-            ) from None
+            from .cluster import spawn_error
+
+            raise spawn_error() from None
         if self.address and not self._workers_checked:
             # A task submitting tasks from inside a worker (the stock client property then
             # sets ``address``) runs on the cluster already: nothing to check there.

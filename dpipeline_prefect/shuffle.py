@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from .faults import crashpoint
 from .sharding import Sharder
-from .sources import InputFile, read_batches
+from .sources import InputFile, read_batches, skip_leading_rows
 from .storage import Storage, translate_errors
 
 __all__ = ["MapResult", "run_map", "staged_path", "read_staged"]
@@ -130,12 +130,4 @@ def run_map(
 def read_staged(work: Storage, path: str, skip_rows: int = 0):
     """Stream a staged file's record batches, skipping the first ``skip_rows`` rows."""
     with translate_errors(path), work.fs.open(path, "rb") as f:
-        reader = pa.ipc.open_stream(f)
-        for b in reader:
-            if skip_rows:
-                if b.num_rows <= skip_rows:
-                    skip_rows -= b.num_rows
-                    continue
-                b = b.slice(skip_rows)
-                skip_rows = 0
-            yield b
+        yield from skip_leading_rows(pa.ipc.open_stream(f), skip_rows)

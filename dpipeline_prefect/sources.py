@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,6 +36,7 @@ __all__ = [
     "read_batches",
     "schema_to_b64",
     "schema_from_b64",
+    "skip_leading_rows",
     "EXTENSIONS",
 ]
 
@@ -267,13 +268,8 @@ def read_batches(
             # pre_buffer coalesces reads: worth it on object stores, only memory on local disk
             pf = pq.ParquetFile(f, pre_buffer=not storage.is_local)
             groups = list(range(first_rg, pf.metadata.num_row_groups))
-            for b in pf.iter_batches(batch_size=chunk_rows, row_groups=groups, use_threads=False):
-                if skip_rows:
-                    if b.num_rows <= skip_rows:
-                        skip_rows -= b.num_rows
-                        continue
-                    b = b.slice(skip_rows)
-                    skip_rows = 0
+            chunks = pf.iter_batches(batch_size=chunk_rows, row_groups=groups, use_threads=False)
+            for b in skip_leading_rows(chunks, skip_rows):
                 if b.schema != schema:
                     b = _conform(b, schema, storage, path)
                 yield b
@@ -292,20 +288,25 @@ def read_batches(
                     read_options=pajson.ReadOptions(block_size=4 << 20, use_threads=False),
                     parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"),
                 )
-            for b in reader:
-                for off in range(0, b.num_rows, chunk_rows):
-                    piece = b.slice(off, chunk_rows)
-                    if skip_rows:
-                        if piece.num_rows <= skip_rows:
-                            skip_rows -= piece.num_rows
-                            continue
-                        piece = piece.slice(skip_rows)
-                        skip_rows = 0
-                    if piece.schema != schema:
-                        piece = _conform(piece, schema, storage, path)
-                    yield piece
+            pieces = (b.slice(off, chunk_rows) for b in reader for off in range(0, b.num_rows, chunk_rows))
+            for piece in skip_leading_rows(pieces, skip_rows):
+                if piece.schema != schema:
+                    piece = _conform(piece, schema, storage, path)
+                yield piece
         except pa.ArrowInvalid as e:
             raise SourceError(f"{storage.unstrip(path)}: cannot be parsed as {fmt}: {e}", path=path) from None
+
+
+def skip_leading_rows(batches: Iterable[pa.RecordBatch], skip_rows: int) -> Iterator[pa.RecordBatch]:
+    """``batches`` without their first ``skip_rows`` rows (whole batches dropped, one sliced)."""
+    for b in batches:
+        if skip_rows:
+            if b.num_rows <= skip_rows:
+                skip_rows -= b.num_rows
+                continue
+            b = b.slice(skip_rows)
+            skip_rows = 0
+        yield b
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, storage: Storage, path: str) -> pa.RecordBatch:
