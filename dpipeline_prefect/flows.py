@@ -218,8 +218,8 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     # Finalize: idempotent, so a crash here is finished by the next run.
     crashpoint("finalize")
     sink.remove_temporaries()
-    Storage(work_url, cfg.checkpoint.storage_options).rm(
-        Storage(work_url, cfg.checkpoint.storage_options).root, recursive=True)
+    work = Storage(work_url, cfg.checkpoint.storage_options)
+    work.rm(work.root, recursive=True)  # the shuffle's staged files
     summary.update(
         status="completed",
         rows_in=sum(r.rows_in for r in results),
