@@ -21,8 +21,9 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharded, checkpointed, exactly-once pipelines on Prefect and Dask.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and clean up checkpoints.")
 app.add_typer(ckpt_app, name="checkpoints")
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI, tests) is not wrapped at 80 columns: a long path stays one line.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _fail(e: BaseException, verbose: bool) -> None:

@@ -359,3 +359,17 @@ def test_memory_storage_is_refused_with_dask_processes(tmp_path, small):
     with pytest.raises(ConfigError) as e:
         Pipeline(cfg).run(run_key="m")
     assert "sink.path" in str(e.value) and "threads" in str(e.value)
+
+
+def test_cli_validate_reports_each_problem(tmp_path, small):
+    src, _ = small
+    cfg = _cfg(tmp_path, src, transforms=[CLEAN, "no_such_module_xyz:fn"],
+               checkpoint={"path": "s3://ckpt/x/", "storage_options": {
+                   "key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                   "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}})
+    p = write_yaml(tmp_path / "p.yaml", cfg)
+    r = run_cli("validate", str(p), timeout=120)
+    assert r.returncode == 1
+    assert "no_such_module_xyz:fn" in r.stderr and "checkpoint" in r.stderr
+    assert f"transform {CLEAN}" in r.stdout and "ok" in r.stdout  # the good one passes
+    assert "source" in r.stdout and "4 file(s)" in r.stdout
