@@ -30,6 +30,7 @@ __all__ = [
     "SinkConfig",
     "CheckpointConfig",
     "RunnerConfig",
+    "DeadLetterConfig",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -238,6 +239,33 @@ class CheckpointConfig(_Model):
     )
 
 
+class DeadLetterConfig(_Model):
+    """Where rows that a transform or the sink rejects go, and how many a shard may reject.
+
+    Present (even empty, ``dead_letter: {}``) turns row isolation on; absent keeps the strict
+    default: a terminal error fails the shard. Off by default because isolation assumes
+    row-independent transforms (see ``dead_letter.py``) and because a run that completes
+    with rows missing from its output must be something the user asked for.
+    """
+
+    path: str | None = Field(
+        None,
+        description="Folder of dead-letter files; may contain {run_key}. Default: "
+        "<checkpoint.path>/<pipeline>.dead_letter/<run_key>/ (beside the run's checkpoints, "
+        "outside what `checkpoints gc` deletes). Without {run_key}, <pipeline>/<run_key>/ is appended.",
+    )
+    storage_options: dict[str, Any] | None = Field(
+        None, description="Default: checkpoint.storage_options when path is unset, else {}."
+    )
+    max_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="A shard whose rejected rows pass this fraction of its rows fails instead of "
+        "draining into the queue.",
+    )
+
+
 class RunnerConfig(_Model):
     """Where shards execute."""
 
@@ -258,6 +286,9 @@ class PipelineConfig(_Model):
     sink: SinkConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    dead_letter: DeadLetterConfig | None = Field(
+        None, description="Isolate rejected rows into a dead-letter store (off when absent)."
+    )
 
     @field_validator("name")
     @classmethod
