@@ -31,6 +31,8 @@ __all__ = [
     "CheckpointConfig",
     "RunnerConfig",
     "DeadLetterConfig",
+    "RetryConfig",
+    "LockConfig",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -266,6 +268,49 @@ class DeadLetterConfig(_Model):
     )
 
 
+class RetryConfig(_Model):
+    """How transient failures (network, timeouts, S3 5xx/SlowDown, a lost worker) are retried.
+
+    Applies twice, with the same schedule: to each sink write inside a shard (so a flaky sink
+    does not restart a shard from its beginning) and, through Prefect's task options, to a
+    whole shard or shuffle task. Terminal errors are never retried.
+    """
+
+    max_attempts: int = Field(4, ge=1, le=50, description="Attempts in all, the first included.")
+    base_delay_s: float = Field(1.0, ge=0.0, le=3600.0, description="Delay before the first retry.")
+    max_delay_s: float = Field(30.0, ge=0.0, le=3600.0, description="No delay exceeds this, jitter included.")
+    multiplier: float = Field(2.0, ge=1.0, le=10.0, description="Each delay is the previous one times this.")
+    jitter: float = Field(0.2, ge=0.0, le=1.0, description="Delays vary randomly by up to this fraction.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetryConfig":
+        if self.max_delay_s < self.base_delay_s:
+            raise ValueError("retry.max_delay_s must be at least retry.base_delay_s")
+        return self
+
+
+class LockConfig(_Model):
+    """Only one run of a pipeline and run key at a time (a Prefect global concurrency limit).
+
+    A run killed while holding the lock does not block the next one for longer than
+    ``lease_s`` (Prefect expires its lease), and at once when the holder was a process on
+    this machine that no longer exists (see ``locks.py``).
+    """
+
+    enabled: bool = Field(True, description="False runs without the lock (you guarantee one run at a time).")
+    wait_s: float | None = Field(
+        0.0, ge=0.0,
+        description="How long a second run waits for the lock: 0 exits at once with an error naming "
+        "the holder; null waits as long as it takes.",
+    )
+    lease_s: float = Field(
+        60.0, ge=60.0, le=86400.0,
+        description="Lease of the lock on the Prefect server, renewed while the run lives; a killed "
+        "holder's lease expires after this (the server's minimum is 60 s).",
+    )
+    poll_s: float = Field(1.0, gt=0.0, le=60.0, description="How often a waiting run tries again.")
+
+
 class RunnerConfig(_Model):
     """Where shards execute."""
 
@@ -286,6 +331,8 @@ class PipelineConfig(_Model):
     sink: SinkConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    lock: LockConfig = Field(default_factory=LockConfig)
     dead_letter: DeadLetterConfig | None = Field(
         None, description="Isolate rejected rows into a dead-letter store (off when absent)."
     )
