@@ -29,6 +29,7 @@ from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
 from .faults import crashpoint
 from .progress import report
+from .retry import RetryPolicy, call_with_retry
 from .shuffle import read_staged
 from .sinks import Sink
 from .sources import InputFile, read_batches, schema_from_b64
@@ -78,6 +79,7 @@ class ShardResult:
     batches: int = 0
     rows_in_now: int = 0  # read by this attempt
     batches_reprocessed: int = 0
+    retries: int = 0  # transient failures retried by this attempt (sink writes, the task itself)
     bytes_read: int = 0
     bytes_written: int = 0
     duration_s: float = 0.0
@@ -104,6 +106,12 @@ def _stream(ctx: RunContext, spec: ShardSpec, source: Storage, work: Storage, sc
         it = read_staged(work, f.path, skip) if spec.staged else read_batches(source, f, fmt, schema, skip)
         skip = 0
         yield from it
+
+
+def _count_retry(res: ShardResult, spec: ShardSpec, attempt: int, exc: BaseException, delay: float) -> None:
+    res.retries += 1
+    log.warning("shard %s: sink write attempt %d failed (%s); retrying in %.2f s",
+                spec.label, attempt, exc, delay)
 
 
 def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
@@ -137,6 +145,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     transforms = load_transforms(cfg.transforms)
     counters = {"bytes_read": 0}
     writer = AsyncCheckpointWriter(store)
+    retry_policy = RetryPolicy.from_config(cfg.retry)
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
@@ -149,7 +158,10 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             out = apply_transforms(df, transforms, where=f"shard {spec.label} batch {next_seq}")
             del df
             crashpoint("before_write")
-            w = sink.write_batch(spec.id, next_seq, out)
+            # A transient sink failure retries this batch only (same names, atomic writes),
+            # not the shard from its start.
+            w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
+                                on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
             del out
             crashpoint("after_write")
             next_seq += 1

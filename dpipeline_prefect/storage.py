@@ -156,21 +156,92 @@ def atomic_write(storage: Storage, path: str, data: bytes) -> None:
             storage.fs.pipe_file(path, data)
 
 
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"}
+_TRANSIENT_CODES = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+    "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+    "500", "502", "503", "504", "429",
+}
 _PERMISSION_CODES = {
     "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "403", "Forbidden",
-    "InvalidToken", "ExpiredToken",
+    "InvalidToken", "ExpiredToken", "AllAccessDisabled", "AccountProblem",
 }
+# errno values that mean "try again later": s3fs turns SlowDown / 503 into EBUSY and
+# InternalError / 500 into EREMOTEIO (s3fs/errors.py), the kernel reports network trouble
+# with the rest.
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+    errno.ENETDOWN, errno.EPIPE, errno.EAGAIN,
+}
+# Network failures of botocore (HTTPClientError family) and aiohttp (ClientConnectionError
+# family), matched by class name anywhere in the exception's MRO so neither is imported here.
+_NETWORK_CLASSES = {
+    "HTTPClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError", "ProxyConnectionError", "ClientConnectionError",
+    "ServerTimeoutError", "ServerDisconnectedError", "ClientPayloadError",
+    "ResponseStreamingError", "IncompleteReadError",
+}
+_TRANSIENT_WORDS = (
+    "could not connect", "connect timeout", "endpoint url", "connection refused", "read timeout",
+    "slowdown", "slow down", "service unavailable", "max retries", "connection reset",
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from (s3fs wraps botocore's ClientError)."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out and len(out) < 6:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _response_code(exc: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a botocore ClientError, or ("", 0)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    code = str((response.get("Error") or {}).get("Code", "") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+    try:
+        return code, int(status)
+    except (TypeError, ValueError):
+        return code, 0
+
+
+def _is_permission(exc: BaseException, code: str, status: int) -> bool:
+    lowered = f"{type(exc).__name__}: {exc}".lower()
+    return (
+        isinstance(exc, PermissionError) or code in _PERMISSION_CODES or status == 403
+        or ("signature" in lowered and "match" in lowered) or "access denied" in lowered
+        or "invalidaccesskeyid" in lowered
+    )
+
+
+def _is_transient(exc: BaseException, code: str, status: int) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)) or code in _TRANSIENT_CODES:
+        return True
+    if status >= 500 or status == 429:
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if any(c.__name__ in _NETWORK_CLASSES for c in type(exc).__mro__):
+        return True
+    lowered = f"{type(exc).__name__}: {exc}".lower()
+    return any(w in lowered for w in _TRANSIENT_WORDS)
 
 
 def _classify(exc: BaseException, path: str) -> DPipelineError | None:
-    text = f"{type(exc).__name__}: {exc}"
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-    lowered = text.lower()
-    if isinstance(exc, PermissionError) or code in _PERMISSION_CODES or "signature" in lowered and "match" in lowered or "access denied" in lowered or "invalidaccesskeyid" in lowered:
+    """Our error for a storage client error, or None to let it through unchanged.
+
+    Permission problems are terminal, network trouble, timeouts, S3 5xx / SlowDown and
+    throttling are transient (retried). The message names ``path`` and the error's type and
+    code, never the client's own text: botocore and aiohttp messages can echo request
+    details, and a credential must never reach a log.
+    """
+    chain = _chain(exc)
+    codes = [_response_code(e) for e in chain]
+    if any(_is_permission(e, c, st) for e, (c, st) in zip(chain, codes)):
         return StoragePermissionError(
             f"{path}: access denied by the storage: check the credentials and their permissions "
             f"({type(exc).__name__})",
@@ -178,13 +249,13 @@ def _classify(exc: BaseException, path: str) -> DPipelineError | None:
         )
     if isinstance(exc, FileNotFoundError):
         return None  # callers decide what a missing object means
-    if isinstance(exc, (ConnectionError, TimeoutError)) or code in _TRANSIENT_CODES or any(
-        w in lowered for w in ("could not connect", "connect timeout", "endpoint url", "connection refused", "read timeout", "slowdown", "service unavailable", "max retries")
-    ):
+    if any(_is_transient(e, c, st) for e, (c, st) in zip(chain, codes)):
+        code = next((c for c, _ in codes if c), "")
         return StorageUnavailableError(
-            f"{path}: storage unreachable or unavailable ({type(exc).__name__}); it may come back, "
-            "the operation can be retried",
+            f"{path}: storage unreachable or unavailable ({type(exc).__name__}"
+            f"{': ' + code if code else ''}); it may come back, the operation can be retried",
             path=path,
+            code=code or None,
         )
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
         return StorageError(f"{path}: {os.strerror(exc.errno)}", path=path)
