@@ -216,14 +216,24 @@ class FastDaskTaskRunner(DaskTaskRunner):
         ```
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, check_workers: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._shared: _SharedContext | None = None
         self._shared_lock = threading.Lock()
-        self._workers_checked = False
+        # A cluster this package started itself (``cluster.EarlyCluster``) needs no check:
+        # its workers import this package by preload and get the flow's API URL with the
+        # serialized settings, even when the flow's (embedded) server started after them.
+        self.check_workers = check_workers
+        self._workers_checked = not check_workers
 
-    # The stock ``duplicate`` builds ``type(self)(...)``, so the flow engine's per-run copy is
-    # a FastDaskTaskRunner too; ``__eq__`` is inherited (same settings => equal).
+    def duplicate(self) -> "FastDaskTaskRunner":
+        """A new runner with the same settings (the flow engine makes one per flow run)."""
+        dup = super().duplicate()
+        dup.check_workers = self.check_workers
+        dup._workers_checked = not self.check_workers
+        return dup
+
+    # ``__eq__`` is inherited (same settings => equal).
 
     def __getstate__(self) -> dict[str, Any]:
         # The runner travels to workers inside the pickled Flow; the lock cannot be pickled
@@ -632,8 +642,8 @@ def make_task_runner(runner_cfg: RunnerConfig, address: str | None = None) -> Ta
             a ``distributed.LocalCluster`` of ``workers`` processes (default: CPU count) with
             ``threads_per_worker`` threads each, no dashboard (the scheduler's HTTP endpoint
             on a random port), Dask logs at WARNING.
-        address: a running cluster to use instead (e.g. one started early by
-            :class:`~dpipeline_prefect.cluster.EarlyCluster`); overrides ``runner_cfg.address``.
+        address: a cluster this package started itself (``cluster.EarlyCluster``), used
+            instead of starting one; its workers are not checked.
 
     Returns:
         A task runner to pass as ``@flow(task_runner=...)`` or ``flow.with_options``.
@@ -644,8 +654,10 @@ def make_task_runner(runner_cfg: RunnerConfig, address: str | None = None) -> Ta
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=runner_cfg.workers or os.cpu_count() or 1)
-    if address or runner_cfg.address:
-        return FastDaskTaskRunner(address=address or runner_cfg.address)
+    if address:
+        return FastDaskTaskRunner(address=address, check_workers=False)
+    if runner_cfg.address:
+        return FastDaskTaskRunner(address=runner_cfg.address)
     return FastDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs=local_cluster_kwargs(runner_cfg.workers, runner_cfg.threads_per_worker),

@@ -5,6 +5,9 @@ Each test compares the output, row for row, with a pandas computation of the sam
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -373,3 +376,24 @@ def test_cli_validate_reports_each_problem(tmp_path, small):
     assert "no_such_module_xyz:fn" in r.stderr and "checkpoint" in r.stderr
     assert f"transform {CLEAN}" in r.stdout and "ok" in r.stdout  # the good one passes
     assert "source" in r.stdout and "4 file(s)" in r.stdout
+
+
+def test_cli_runs_on_the_embedded_server_without_prefect_api_url(tmp_path, small):
+    """`make demo`'s situation: no PREFECT_API_URL, a local Dask cluster of processes."""
+    import os
+
+    src, df = small
+    cfg = _cfg(tmp_path, src, sharding={"strategy": "hash", "key": "carrier", "shards": 2},
+               runner={"kind": "dask", "workers": 2})
+    p = write_yaml(tmp_path / "p.yaml", cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    r = subprocess.run([sys.executable, "-m", "dpipeline_prefect.cli", "run", str(p), "--run-key", "emb",
+                        "--summary-json", str(tmp_path / "s.json")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["status"] == "completed" and s["flow_run_id"]
+    assert_exactly_once(str(tmp_path / "out"), reference(df))
+    # the flow and its shard task runs were recorded by that embedded server's database
+    assert (tmp_path / "prefect-home" / "prefect.db").exists()

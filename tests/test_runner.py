@@ -175,6 +175,8 @@ def test_make_task_runner_dask_local_and_address():
     # a cluster started early by the pipeline overrides the configured address
     early = make_task_runner(RunnerConfig(kind="dask"), address="tcp://127.0.0.1:1234")
     assert early.address == "tcp://127.0.0.1:1234" and early.cluster_kwargs == {}
+    assert early.check_workers is False and early.duplicate().check_workers is False
+    assert remote.check_workers is True and remote.duplicate().check_workers is True
 
 
 def test_runner_pickles_and_duplicates():
