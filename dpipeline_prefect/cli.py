@@ -1,4 +1,4 @@
-"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc.
+"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc, dlq ls / show / replay.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -21,6 +21,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharded, checkpointed, exactly-once pipelines on Prefect and Dask.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and clean up checkpoints.")
 app.add_typer(ckpt_app, name="checkpoints")
+dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay the dead-letter queue.")
+app.add_typer(dlq_app, name="dlq")
 # Piped output (logs, CI, tests) is not wrapped at 80 columns: a long path stays one line.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -95,7 +97,7 @@ def _summary_table(s: dict) -> Table:
     t = Table(title=f"{s['pipeline']} / {s['run_key']}: {s['status']}", show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
-    for k in ("rows_in", "rows_out", "shards_total", "shards_skipped", "batches_reprocessed", "bytes_read",
+    for k in ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed", "bytes_read",
               "bytes_written", "duration_s", "rows_per_s", "sink", "flow_run_id"):
         v = s.get(k)
         t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
@@ -243,6 +245,109 @@ def checkpoints_gc(
         _fail(e, False)
         return
     out.print(report)
+
+
+def _dlq_config(pipeline: Path):
+    """Load the pipeline and check it has a dead_letter section; its folder becomes importable."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .pipeline import _make_importable
+
+    cfg = load_config(pipeline)
+    if cfg.dead_letter is None:
+        raise ConfigError(f"{pipeline}: no dead_letter section, so this pipeline has no dead-letter queue",
+                          field="dead_letter")
+    _make_importable(str(pipeline.resolve().parent))
+    return cfg
+
+
+@dlq_app.command("ls")
+def dlq_ls(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: str = typer.Option("default", "--run-key"),
+) -> None:
+    """List the queued files: shard, batch, rows and error types; totals per shard."""
+    try:
+        from .dead_letter import dead_letter_url, summarize
+
+        cfg = _dlq_config(pipeline)
+        rows = summarize(cfg, run_key)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    t = Table(title=f"dead letters of {cfg.name} / {run_key}: {sum(r['rows'] for r in rows):,} row(s)")
+    for c in ("file", "shard", "batch", "round", "rows", "stage", "errors"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["file"], r["shard"], str(r["batch"]), str(r["round"]), f"{r['rows']:,}",
+                  ",".join(r["stages"]), ", ".join(f"{k} x{v}" for k, v in sorted(r["errors"].items())))
+    out.print(t)
+    per_shard: dict[str, int] = {}
+    for r in rows:
+        per_shard[r["shard"]] = per_shard.get(r["shard"], 0) + r["rows"]
+    if per_shard:
+        out.print("rows per shard: " + ", ".join(f"{k} {v:,}" for k, v in sorted(per_shard.items())))
+    out.print(f"folder: {dead_letter_url(cfg, run_key)[0]}")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: str = typer.Option("default", "--run-key"),
+    limit: int = typer.Option(20, "--limit", min=1, help="Rows to show."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Only this shard id."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
+) -> None:
+    """Show queued rows with their errors (the _dlq_* columns first)."""
+    try:
+        from .dead_letter import read_queue
+
+        cfg = _dlq_config(pipeline)
+        df = read_queue(cfg, run_key, limit=limit, shard=shard)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    if as_json:
+        sys.stdout.write(df.to_json(orient="records", lines=True, date_format="iso", default_handler=str))
+        return
+    if not len(df):
+        out.print("the dead-letter queue is empty")
+        return
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", 80):
+        out.print(df.to_string(index=False), highlight=False, markup=False, soft_wrap=True)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: str = typer.Option("default", "--run-key"),
+    summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write the replay report here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the queued rows through the current transforms into the sink, exactly once."""
+    try:
+        from .dead_letter import replay
+
+        cfg = _dlq_config(pipeline)
+        rep = replay(cfg, run_key)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, verbose)
+        return
+    d = rep.to_dict()
+    t = Table(title=f"replay of {cfg.name} / {run_key}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for k in ("files", "files_replayed", "files_pending", "rows_replayed", "rows_out", "rows_still_dead",
+              "calls", "duration_s"):
+        v = d[k]
+        t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.3f}")
+    if d["errors"]:
+        t.add_row("errors", ", ".join(f"{k} x{v}" for k, v in sorted(d["errors"].items())))
+    out.print(t)
+    if summary_json:
+        summary_json.write_text(json.dumps(d, indent=2, default=str))
 
 
 def main() -> None:
