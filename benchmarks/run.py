@@ -789,6 +789,8 @@ class Bench:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{base}.json").write_text(json.dumps(report["json"], indent=1, default=str))
         (RESULTS / f"{base}.md").write_text(report["md"])
+        if base == "latest":
+            _update_readme(report["md"])
         print("\n" + report["md"])
         for name, path in self.profiles:
             print(f"\nprofile of {name}: {Path(path).relative_to(ROOT)}")
@@ -968,6 +970,19 @@ class Bench:
               "versions": versions, "data": data, "aggregate": agg, "orchestration": orch, "checkpoint_cost": ckpt, "targets": targets,
               "services_rss": services_rss, "runs": self.runs}
         return {"md": md, "json": js}
+
+
+def _update_readme(md: str) -> None:
+    """Put the full report's tables between the README's benchmark markers."""
+    readme = ROOT / "README.md"
+    start, end = "<!-- BENCHMARK TABLE -->", "<!-- /BENCHMARK TABLE -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return
+    body = md.split("\n", 1)[1].strip()  # drop the report's own title
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
 def summarize_profile(path: str, top: int = 25) -> str:
