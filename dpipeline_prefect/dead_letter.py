@@ -428,7 +428,12 @@ class DeadLetters:
         return _concat(res.outputs), dead + [(keep[p], e, "sink") for p, e in res.dead]
 
     def commit(self, df: pd.DataFrame, dead: list, seq: int, row_offset: int) -> int:
-        """Check the limit, then write batch ``seq``'s dead rows (before its checkpoint)."""
+        """Check the limit, then write batch ``seq``'s dead rows (before its checkpoint).
+
+        Writing the same batch again (the sink rejected rows after the transform did)
+        replaces the file. The caller adds the returned count to :attr:`rows` once the batch's
+        output is published.
+        """
         if not dead:
             return 0
         total = self.rows + len(dead)
@@ -436,7 +441,6 @@ class DeadLetters:
             raise self._over(total, self.shard_rows, dead[0][1])
         table = _dead_table(df, dead, self.schema, self.shard, seq, row_offset, self.attempt)
         self.store.write(self.shard, seq, table)
-        self.rows = total
         log.info("shard %s batch %d: %d row(s) to the dead-letter store", self.label, seq, len(dead))
         return len(dead)
 

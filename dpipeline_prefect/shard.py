@@ -13,6 +13,10 @@ The order of the steps is what makes the output exactly-once:
 
 A crash anywhere re-runs at most the batches after the last saved checkpoint; they rewrite
 the same names.
+
+With a ``dead_letter`` section, rows a transform or the sink rejects are isolated and written
+to the dead-letter store under ``part-<id>-<seq>`` before step 3, removed past the checkpoint
+in step 1, and counted in the checkpoint's cumulative ``rows_dead_letter`` (``dead_letter.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pyarrow as pa
 from .batching import batches
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
+from .dead_letter import DeadLetters, is_row_error
+from .errors import TerminalError
 from .faults import crashpoint
 from .progress import report
 from .retry import RetryPolicy, call_with_retry
@@ -76,6 +82,7 @@ class ShardResult:
     skipped: bool = False
     rows_in: int = 0  # cumulative over all runs of this run key
     rows_out: int = 0
+    rows_dead_letter: int = 0  # cumulative, like rows_in (dead_letter.py)
     batches: int = 0
     rows_in_now: int = 0  # read by this attempt
     batches_reprocessed: int = 0
@@ -127,6 +134,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     if state.get("done"):
         res.skipped = True
         res.rows_in, res.rows_out, res.batches = state["rows_in"], state["rows_out"], state["next_seq"]
+        res.rows_dead_letter = int(state.get("rows_dead_letter", 0))
         return res
 
     sink = Sink(cfg.sink, ctx.run_key)
@@ -135,6 +143,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     rows_in = int(state.get("rows_in", 0))
     rows_out = int(state.get("rows_out", 0))
     bytes_written = int(state.get("bytes_written", 0))
+    rows_dead = int(state.get("rows_dead_letter", 0))
     if state:
         # Resuming: output written past the last saved checkpoint is redone from scratch.
         res.batches_reprocessed = sink.remove_uncommitted(spec.id, next_seq)
@@ -143,26 +152,58 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
 
     schema = schema_from_b64(ctx.schema_b64)
     transforms = load_transforms(cfg.transforms)
+    dlq = None
+    if cfg.dead_letter is not None:
+        dlq = DeadLetters(cfg, ctx.run_key, spec.id, spec.label, schema, spec.rows, rows_dead)
+        if state:  # dead rows of batches past the checkpoint are redone, like their output
+            dlq.store.remove_uncommitted(spec.id, next_seq)
     counters = {"bytes_read": 0}
     writer = AsyncCheckpointWriter(store)
     retry_policy = RetryPolicy.from_config(cfg.retry)
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
-            n_rows, offset = batch.num_rows, batch.offset + batch.num_rows
+            n_rows, row0, offset = batch.num_rows, batch.offset, batch.offset + batch.num_rows
             # Hand the Arrow buffers over to pandas and drop every other reference, so a
             # batch is held once (not as Arrow + pandas + output at the same time).
             table, batch = batch.table, None
             df = table.to_pandas(split_blocks=True, self_destruct=True)
             del table
-            out = apply_transforms(df, transforms, where=f"shard {spec.label} batch {next_seq}")
-            del df
+            where = f"shard {spec.label} batch {next_seq}"
+            n_dead = 0
+            if dlq is None:
+                out = apply_transforms(df, transforms, where=where)
+                del df
+            else:
+                # Rows a transform rejects are isolated by bisection and written to the
+                # dead-letter store before the checkpoint; the input is kept until the sink
+                # accepted the rest, in case the sink rejects rows too.
+                def apply(part, where=where):
+                    return apply_transforms(part, transforms, where=where)
+
+                out, dead = dlq.transform(df, apply)
+                n_dead = dlq.commit(df, dead, next_seq, row0)
             crashpoint("before_write")
             # A transient sink failure retries this batch only (same names, atomic writes),
             # not the shard from its start.
-            w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
-                                on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+            try:
+                w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
+                                    on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+            except TerminalError as e:
+                if dlq is None or not is_row_error(e):
+                    raise
+                # Some partition files of this batch may be published: remove them, isolate
+                # the rows the sink refuses, write the batch again under the same names.
+                sink.remove_uncommitted(spec.id, next_seq)
+                out, dead = dlq.sink_rejected(e, df, dead, apply, sink)
+                n_dead = dlq.commit(df, dead, next_seq, row0)
+                w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
+                                    on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
             del out
+            if dlq is not None:
+                del df
+                dlq.rows += n_dead
+                rows_dead += n_dead
             crashpoint("after_write")
             next_seq += 1
             rows_in += n_rows
@@ -175,14 +216,16 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                 writer.submit(
                     spec.id,
                     {"done": False, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
-                     "rows_out": rows_out, "bytes_written": bytes_written},
+                     "rows_out": rows_out, "bytes_written": bytes_written, "rows_dead_letter": rows_dead},
                 )
+        if dlq is not None:
+            dlq.finish(rows_in)
         # The final document goes through the writer too: if the last batch's save is still
         # pending it is replaced, so a shard ends with one write, not two in a row.
         writer.submit(
             spec.id,
             {"done": True, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
-             "rows_out": rows_out, "bytes_written": bytes_written},
+             "rows_out": rows_out, "bytes_written": bytes_written, "rows_dead_letter": rows_dead},
         )
         writer.flush()
         crashpoint("after_checkpoint")
@@ -190,6 +233,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         writer.close()
     store.prune(spec.id)
     res.rows_in, res.rows_out, res.batches = rows_in, rows_out, next_seq
+    res.rows_dead_letter = rows_dead
     res.bytes_read = counters["bytes_read"]
     res.duration_s = time.perf_counter() - t0
     return res
