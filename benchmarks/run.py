@@ -92,6 +92,7 @@ VARIANTS = {
     "dp-s3-nockpt": "dpipeline files, S3, per_batch: false",
     "dp-hash": "dpipeline hash(carrier, 8), checkpoints local",
     "dp-local-own": "dpipeline files, local, runner starts own cluster",
+    "dp-s3-own": "dpipeline files, checkpoints S3, runner starts own cluster",
 }
 CKPT = {
     "ckpt-local": "checkpoints on local disk",
@@ -625,7 +626,7 @@ class Bench:
             kind = "dpipeline"
             spec["per_batch"] = not name.endswith("-nockpt")
             spec["hash"] = name == "dp-hash"
-            spec["own_cluster"] = name == "dp-local-own"
+            spec["own_cluster"] = name.endswith("-own")
             if "-s3" in name:
                 spec.update(s3=True, s3_endpoint=self.s3.endpoint_url, ckpt=f"s3://ckpt/bench/{self.stamp}/{tag}")
         self._profile_spec(name, tag, spec)
@@ -856,8 +857,10 @@ class Bench:
                            "with_s": withs, "without_s": withouts}
 
         targets = []
-        for key, what in (("rows_per_s", "end to end"), ("rows_per_s_work", "work only")):
-            x, y = (agg.get("dp-s3") or {}).get(key), (agg.get("dask-dataframe") or {}).get(key)
+        for v, key, what in (("dp-s3", "rows_per_s", "end to end, shared cluster"),
+                             ("dp-s3", "rows_per_s_work", "work only, shared cluster"),
+                             ("dp-s3-own", "rows_per_s", "end to end, each starts its own cluster")):
+            x, y = (agg.get(v) or {}).get(key), (agg.get("dask-dataframe") or {}).get(key)
             if x and y:
                 targets.append({"target": f"dpipeline S3 checkpoints >= dask.dataframe rows/s ({what})",
                                 "met": x >= y, "value": f"{x / 1e6:.2f} vs {y / 1e6:.2f} M rows/s ({x / y:.2f}x)"})
@@ -913,8 +916,8 @@ class Bench:
                      f"{g['prefect_cpu_s']:.1f} + {g['s3_cpu_s']:.1f} | {g['peak_rss'] / 2**20:,.0f} | "
                      f"{_fmt_ratio(r_dd)} ({_fmt_ratio(r_dd_w)}) | {_fmt_ratio(r_pa)} ({_fmt_ratio(r_pa_w)}) |")
         L.append("\nrows/s = rows read / wall seconds. *End to end* includes starting and stopping the Dask cluster; "
-                 "*work only* excludes it (for `dp-local-own` the runner starts its own cluster inside the run, so "
-                 "both figures include it). *Heartbeat wait*: the part of the wall time a Prefect flow run spends at its end joining Prefect's heartbeat thread (0-1 s, see below); it is included in both rows/s figures. *CPU s*: user+system seconds of the variant's whole process tree for the whole child process (Python imports, cluster start and stop included), and of the Prefect server and SeaweedFS during the run; on 2 shared cores, CPU seconds are steadier than wall seconds. Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
+                 "*work only* excludes it (for `dp-*-own` the pipeline starts its own cluster inside the run, as "
+                 "`dpipeline run` does, so both figures include it). *Heartbeat wait*: the part of the wall time a Prefect flow run spends at its end joining Prefect's heartbeat thread (0-1 s, see below); it is included in both rows/s figures. *CPU s*: user+system seconds of the variant's whole process tree for the whole child process (Python imports, cluster start and stop included), and of the Prefect server and SeaweedFS during the run; on 2 shared cores, CPU seconds are steadier than wall seconds. Ratios: end to end (work only in parentheses). Peak RSS: sum over the "
                  "variant's process tree (flow/driver process, Dask nanny and workers), sampled every 0.2 s; the "
                  "Prefect server and SeaweedFS are outside it"
                  + (f" (their RSS at the end: Prefect server {services_rss.get('prefect', 0) / 2**20:,.0f} MiB, "
