@@ -377,9 +377,9 @@ class DeadLetters:
     def _over(self, dead: int, rows: int, err: BaseException | str) -> DeadLetterLimitError:
         frac = dead / rows if rows else 1.0
         return DeadLetterLimitError(
-            f"shard {self.label}: more than {self.max_fraction:.4g} of its rows were rejected "
-            f"({dead:,} of {rows:,} rows so far, {frac:.2%}; dead_letter.max_fraction is "
-            f"{self.max_fraction:.4g}); first error: {err}",
+            f"shard {self.label} rejected {dead:,} of its {rows:,} rows ({frac:.2%}), more than "
+            f"dead_letter.max_fraction {self.max_fraction:.4g} allows: the shard stops instead of "
+            f"draining into the dead-letter queue; first error: {err}",
             shard=self.label, fraction=round(frac, 6),
         )
 

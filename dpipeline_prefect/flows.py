@@ -109,7 +109,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     flow_run_id = _flow_run_id()
     summary: dict[str, Any] = {
         "pipeline": cfg.name, "run_key": run_key, "status": "running", "rows_in": 0, "rows_out": 0,
-        "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "bytes_read": 0,
+        "rows_dead_letter": 0, "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "bytes_read": 0,
         "bytes_written": 0, "duration_s": 0.0, "rows_per_s": 0.0, "flow_run_id": flow_run_id,
         "sink": sink.storage.url,
     }
@@ -122,6 +122,10 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
                 f"({marker.get('pipeline')!r})", path=sink.storage.url)
         store.delete_run()
         removed = sink.clear()
+        if cfg.dead_letter is not None:  # its rows come back when the run redoes every batch
+            from .dead_letter import DeadLetterStore
+
+            DeadLetterStore(cfg, run_key).clear()
         logger.info("restart: removed checkpoints of run key %r and %d output file(s)", run_key, removed)
 
     manifest = store.load_manifest()
@@ -183,7 +187,8 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         d = docs.get(s.id)
         if d and d.get("done"):
             results.append(ShardResult(s.id, s.label, skipped=True, rows_in=d["rows_in"],
-                                       rows_out=d["rows_out"], batches=d["next_seq"]))
+                                       rows_out=d["rows_out"], batches=d["next_seq"],
+                                       rows_dead_letter=int(d.get("rows_dead_letter", 0))))
         else:
             todo.append(s)
     summary["shards_skipped"] = len(results)
@@ -212,7 +217,8 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         label, err = errors[0]
         more = f" (and {len(errors) - 1} other shard(s))" if len(errors) > 1 else ""
         if isinstance(err, DPipelineError):
-            raise type(err)(f"shard {label}: {err}{more}", **err.details)
+            msg = str(err) if str(err).startswith(f"shard {label} ") else f"shard {label}: {err}"
+            raise type(err)(f"{msg}{more}", **err.details)
         raise err
 
     # Finalize: idempotent, so a crash here is finished by the next run.
@@ -224,6 +230,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         status="completed",
         rows_in=sum(r.rows_in for r in results),
         rows_out=sum(r.rows_out for r in results),
+        rows_dead_letter=sum(r.rows_dead_letter for r in results),
         batches_reprocessed=sum(r.batches_reprocessed for r in results),
         bytes_read=bytes_read + sum(r.bytes_read for r in results),
         # input read by this run (shuffle splits, or shards of the files strategy) vs staged data
@@ -236,7 +243,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     summary["rows_per_s"] = round(rows_now / summary["duration_s"], 1) if summary["duration_s"] else 0.0
     summary["shards"] = [
         {"shard": r.shard, "label": r.label, "rows_in": r.rows_in, "rows_out": r.rows_out,
-         "batches": r.batches, "skipped": r.skipped, "duration_s": round(r.duration_s, 3)}
+         "rows_dead_letter": r.rows_dead_letter, "batches": r.batches, "skipped": r.skipped, "duration_s": round(r.duration_s, 3)}
         for r in sorted(results, key=lambda r: r.shard)
     ]
     store.save_manifest({**manifest, "status": "completed",
