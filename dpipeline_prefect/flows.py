@@ -18,11 +18,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import as_completed
+from prefect.runtime import task_run as prefect_task_run
 
 from . import progress
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
+from .locks import RunLock
+from .retry import RetryPolicy, prefect_task_options, retry_condition
 from .errors import ConfigError, DPipelineError, PipelineChangedError, TerminalError
 from .sharding import Sharder
 from .shard import RunContext, ShardResult, ShardSpec, process_shard
@@ -37,15 +40,14 @@ __all__ = ["sharded_pipeline", "execute"]
 _emit = progress.emit
 
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry only errors of the transient kind."""
-    try:
-        state.result()
-    except DPipelineError as e:
-        return e.transient
-    except Exception:  # noqa: BLE001 - unknown errors: a lost worker, a network blip
-        return True
-    return False
+# Prefect retry_condition_fn: retry only transient errors (retry.is_transient). The decorator
+# defaults below are replaced per run by the pipeline's retry section (_task_options).
+_retry_transient = retry_condition
+
+
+def _task_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """Prefect task options from ``cfg.retry``: retries, exponential delays, jitter, condition."""
+    return prefect_task_options(RetryPolicy.from_config(cfg.retry))
 
 
 @task(name="shuffle", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
@@ -67,7 +69,10 @@ def shuffle_task(ctx: RunContext, split: int, file: dict) -> dict:
 @task(name="shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
       retry_condition_fn=_retry_transient, task_run_name="shard-{spec.label}")
 def shard_task(ctx: RunContext, spec: ShardSpec) -> dict:
-    return asdict(process_shard(ctx, spec))
+    res = asdict(process_shard(ctx, spec))
+    # Prefect re-ran this task after transient failures: count those retries too.
+    res["retries"] += max(0, int(prefect_task_run.run_count or 1) - 1)
+    return res
 
 
 def _check_storage_fits_runner(cfg: PipelineConfig) -> None:
@@ -96,11 +101,30 @@ def _files_shards(files: list[dict], source: Storage) -> list[ShardSpec]:
 
 
 def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False) -> dict[str, Any]:
-    """Plan, shard, run and finalize one run of ``cfg``; must be called inside a flow run."""
-    logger = get_run_logger()
-    t0 = time.perf_counter()
+    """Plan, shard, run and finalize one run of ``cfg``; must be called inside a flow run.
+
+    The whole run - including ``--restart``'s deletions and the "already complete" check - holds
+    the run lock of (pipeline, run key): a second run waits ``lock.wait_s`` or stops with
+    :class:`~dpipeline_prefect.errors.RunLockedError` (see ``locks.py``).
+    """
     validate_run_key(run_key)
     _check_storage_fits_runner(cfg)
+    if not cfg.lock.enabled:
+        return {**_execute(cfg, run_key, restart), "lock_waited_s": None}
+    lock = RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s, lease_s=cfg.lock.lease_s,
+                   poll_s=cfg.lock.poll_s, flow_run_id=_flow_run_id())
+    with lock:
+        if lock.waited_s or lock.freed:
+            get_run_logger().info("run lock %s taken after %.1f s%s", lock.name, lock.waited_s,
+                                  "".join(f"; {f}" for f in lock.freed))
+        summary = _execute(cfg, run_key, restart)
+    summary["lock_waited_s"] = lock.waited_s
+    return summary
+
+
+def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
+    logger = get_run_logger()
+    t0 = time.perf_counter()
     ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
     store = CheckpointStore(ckpt_storage, cfg.name, run_key)
     sink = Sink(cfg.sink, run_key)
@@ -109,7 +133,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     flow_run_id = _flow_run_id()
     summary: dict[str, Any] = {
         "pipeline": cfg.name, "run_key": run_key, "status": "running", "rows_in": 0, "rows_out": 0,
-        "rows_dead_letter": 0, "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "bytes_read": 0,
+        "rows_dead_letter": 0, "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "retries": 0, "bytes_read": 0,
         "bytes_written": 0, "duration_s": 0.0, "rows_per_s": 0.0, "flow_run_id": flow_run_id,
         "sink": sink.storage.url,
     }
@@ -143,7 +167,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
             done = dict(manifest.get("summary") or {})
             done.update(status="already_complete", shards_skipped=done.get("shards_total", 0),
                         duration_s=time.perf_counter() - t0, rows_per_s=0.0, bytes_read=0,
-                        batches_reprocessed=0, flow_run_id=flow_run_id)
+                        batches_reprocessed=0, retries=0, flow_run_id=flow_run_id)
             return done
     else:
         load_transforms(cfg.transforms)  # fail now, before anything is written, if one is missing
@@ -200,7 +224,8 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
 
     errors: list[tuple[str, BaseException]] = []
     unsubscribe = progress.subscribe(_task_runner(), f"{cfg.name}/{run_key}")
-    futures = {shard_task.submit(ctx, s): s for s in todo}
+    shard = shard_task.with_options(**_task_options(cfg))
+    futures = {shard.submit(ctx, s): s for s in todo}
     for fut in as_completed(list(futures)):
         spec = futures.pop(fut)
         try:
@@ -232,6 +257,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         rows_out=sum(r.rows_out for r in results),
         rows_dead_letter=sum(r.rows_dead_letter for r in results),
         batches_reprocessed=sum(r.batches_reprocessed for r in results),
+        retries=sum(r.retries for r in results),
         bytes_read=bytes_read + sum(r.bytes_read for r in results),
         # input read by this run (shuffle splits, or shards of the files strategy) vs staged data
         bytes_read_source=bytes_read + (0 if cfg.sharding.keyed else sum(r.bytes_read for r in results)),
@@ -259,7 +285,8 @@ def _shuffle(ctx: RunContext, files: list[dict], docs: dict, logger) -> int:
     if len(pending) < len(files):
         logger.info("shuffle: %d of %d split(s) already staged", len(files) - len(pending), len(files))
     bytes_read = 0
-    futures = [shuffle_task.submit(ctx, i, files[i]) for i in pending]
+    shuffle = shuffle_task.with_options(**_task_options(ctx.cfg))
+    futures = [shuffle.submit(ctx, i, files[i]) for i in pending]
     _emit("stage", {"stage": "shuffle", "splits": len(pending)})
     for fut in as_completed(futures):
         res = fut.result()
