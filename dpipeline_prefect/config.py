@@ -33,6 +33,8 @@ __all__ = [
     "DeadLetterConfig",
     "RetryConfig",
     "LockConfig",
+    "BreakerConfig",
+    "TransformConfig",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -311,6 +313,61 @@ class LockConfig(_Model):
     poll_s: float = Field(1.0, gt=0.0, le=60.0, description="How often a waiting run tries again.")
 
 
+class BreakerConfig(_Model):
+    """Circuit breaker for the sink and for named resources (see ``breaker.py``).
+
+    The window is time-based: rates are taken over the calls of the last ``window_s``
+    seconds, so the time a breaker needs to notice trouble does not depend on how fast
+    batches go. Every worker process keeps its own window; the open/closed state is shared
+    by all shards of a run through a small object in the checkpoint storage, read at most
+    every ``sync_s`` (so every worker stops calling within ``sync_s`` of an opening).
+    """
+
+    enabled: bool = Field(True, description="False calls the sink without a breaker.")
+    failure_rate: float = Field(
+        0.5, gt=0.0, le=1.0, description="Open when this fraction of the window's calls failed (transient errors)."
+    )
+    slow_call_rate: float = Field(
+        1.0, gt=0.0, le=1.0, description="Open when this fraction of the window's calls took slow_call_s or longer."
+    )
+    slow_call_s: float = Field(60.0, gt=0.0, description="A call this long or longer counts as slow.")
+    window_s: float = Field(10.0, gt=0.0, le=3600.0, description="Sliding window, in seconds.")
+    min_calls: int = Field(10, ge=1, description="No rate is judged on fewer calls than this in the window.")
+    open_s: float = Field(5.0, ge=0.0, le=3600.0, description="How long an open breaker fails fast before trial calls.")
+    half_open_calls: int = Field(2, ge=1, description="Successful trial calls (per worker) that close the breaker.")
+    sync_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="Read the shared state at most this often per worker process."
+    )
+    degraded_concurrency: int = Field(
+        1, ge=1,
+        description="While a breaker is open or half-open, at most this many shards write to it at once "
+        "(a Prefect global concurrency limit); the limit is lifted when it closes.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "BreakerConfig":
+        if self.sync_s > self.window_s:
+            raise ValueError("breaker.sync_s must not exceed breaker.window_s")
+        return self
+
+
+class TransformConfig(_Model):
+    """A transform with options; a plain ``module:function`` string is the same with defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    function: str = Field(description="module:function import path.")
+    optional: bool = Field(
+        False, description="Skip this transform for a batch when it raises or times out, instead of failing."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0.0, description="A call taking longer counts as a failure (skipped if optional)."
+    )
+
+    def __str__(self) -> str:
+        return self.function
+
+
 class RunnerConfig(_Model):
     """Where shards execute."""
 
@@ -327,12 +384,16 @@ class PipelineConfig(_Model):
     source: SourceConfig
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    transforms: list[str] = Field(default_factory=list, description="module:function import paths.")
+    transforms: list[str | TransformConfig] = Field(
+        default_factory=list,
+        description="module:function import paths, or {function, optional, timeout_s} mappings.",
+    )
     sink: SinkConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     lock: LockConfig = Field(default_factory=LockConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     dead_letter: DeadLetterConfig | None = Field(
         None, description="Isolate rejected rows into a dead-letter store (off when absent)."
     )
@@ -346,11 +407,16 @@ class PipelineConfig(_Model):
 
     @field_validator("transforms")
     @classmethod
-    def _transforms(cls, v: list[str]) -> list[str]:
+    def _transforms(cls, v: list[str | TransformConfig]) -> list[str | TransformConfig]:
         for t in v:
-            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", t):
-                raise ValueError(f"transform {t!r} must be an import path module:function")
+            path = t if isinstance(t, str) else t.function
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", path):
+                raise ValueError(f"transform {path!r} must be an import path module:function")
         return v
+
+    def transform_specs(self) -> list[TransformConfig]:
+        """Every transform as a :class:`TransformConfig` (plain strings get the defaults)."""
+        return [TransformConfig(function=t) if isinstance(t, str) else t for t in self.transforms]
 
     def fingerprints(self) -> dict[str, str]:
         """Content hashes of the parts whose change invalidates existing checkpoints.
@@ -361,7 +427,13 @@ class PipelineConfig(_Model):
         parts = {
             "source": {"format": self.source.format, "path": self.source.path},
             "sharding": self.sharding.model_dump(mode="json"),
-            "transforms": list(self.transforms),
+            # A plain entry hashes as its path, as before mappings existed; optional ones add
+            # the flag (a skipped transform changes the output). timeout_s is an operating
+            # knob: changing it does not invalidate a run.
+            "transforms": [
+                t.function if not t.optional else {"function": t.function, "optional": True}
+                for t in self.transform_specs()
+            ],
             "sink": {
                 "format": self.sink.format,
                 "path": self.sink.path,
