@@ -374,10 +374,11 @@ class DeadLetters:
     def _budget(self) -> int | None:
         return None if self.limit is None else max(0, self.limit - self.rows)
 
-    def _over(self, dead: int, rows: int, err: BaseException | str) -> DeadLetterLimitError:
+    def _over(self, dead: int, rows: int, err: BaseException | str, at_least: bool = False) -> DeadLetterLimitError:
         frac = dead / rows if rows else 1.0
         return DeadLetterLimitError(
-            f"shard {self.label} rejected {dead:,} of its {rows:,} rows ({frac:.2%}), more than "
+            f"shard {self.label} rejected {'at least ' if at_least else ''}{dead:,} of its {rows:,} "
+            f"rows ({frac:.2%}), more than "
             f"dead_letter.max_fraction {self.max_fraction:.4g} allows: the shard stops instead of "
             f"draining into the dead-letter queue; first error: {err}",
             shard=self.label, fraction=round(frac, 6),
@@ -387,8 +388,9 @@ class DeadLetters:
         try:
             res = bisect(df, probe, first_error, self._budget())
         except _OverBudget:
+            # stopped early: bisecting the rest would only cost time
             raise self._over(self.rows + (self._budget() or 0) + 1, self.shard_rows or len(df),
-                             first_error or "(see the dead-letter store)") from None
+                             first_error or "(see the dead-letter store)", at_least=True) from None
         self.calls += res.calls
         return res
 
