@@ -389,3 +389,27 @@ def test_a_transform_that_is_not_row_independent_is_not_split(tmp_path, data):
         Pipeline.from_yaml(p).run(run_key="c")
     assert "two marked rows together" in str(e.value)
     assert len(_queue(cfg, "c")) == 0
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_resume_drops_dead_letters_of_batches_past_the_checkpoint(tmp_path, data):
+    """Killed after a batch with dead rows was written, then the transform is fixed: the
+    uncommitted batch is redone clean, and its stale dead-letter file must not survive."""
+    src, df = data
+    poison = _poison_ids(df, 0.01, seed=5)
+    cfg, p, _ = _setup(tmp_path, src, poison, runner="threads", dead_letter={"max_fraction": 0.05})
+    r = run_cli("run", str(p), "--run-key", "k", env={"DPIPELINE_CRASHPOINT": "after_write:3"})
+    assert r.returncode == -signal.SIGKILL, f"not killed: {r.returncode}\n{r.stderr}"
+    before = {(sh, s) for _, sh, s, _ in DeadLetterStore(parse_config(cfg), "k").files()}
+    set_poison(tmp_path, [])
+    r = run_cli("run", str(p), "--run-key", "k", "--summary-json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    s = load_summary(tmp_path / "s.json")
+    q = _queue(cfg, "k")
+    after = {(sh, s) for _, sh, s, _ in DeadLetterStore(parse_config(cfg), "k").files()}
+    assert after < before  # the batch written but not checkpointed lost its dead-letter file
+    assert s["rows_dead_letter"] == len(q) > 0 and q["row_id"].is_unique
+    # every input row is either in the output or in the queue, never both
+    got = assert_exactly_once(str(tmp_path / "out" / "k"), reference(df[~df["row_id"].isin(q["row_id"])]))
+    assert not set(got["row_id"]) & set(q["row_id"])
