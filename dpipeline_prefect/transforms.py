@@ -25,6 +25,7 @@ a transient error (a slow dependency, not a bug in the rows).
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import threading
@@ -116,7 +117,10 @@ def _call_with_timeout(fn: Transform, df: pd.DataFrame, timeout_s: float, name: 
         finally:
             done.set()
 
-    threading.Thread(target=run, name=f"transform-{name}", daemon=True).start()
+    # The thread runs in a copy of this context, so breaker.circuit() inside the transform
+    # finds the running shard's breakers.
+    ctx = contextvars.copy_context()
+    threading.Thread(target=ctx.run, args=(run,), name=f"transform-{name}", daemon=True).start()
     if not done.wait(timeout_s):
         raise TransformTimeoutError(
             f"transform {name!r} took longer than {timeout_s:g} s", transform=name, timeout_s=timeout_s)

@@ -1,0 +1,251 @@
+"""Degradation: what a run does while a resource is failing. The Prefect side of ``breaker.py``.
+
+* **One breaker state per run.** :func:`run_registry` gives every shard in a process the same
+  breakers for its run, sharing their state through ``<checkpoint.path>/<pipeline>/<run_key>/
+  breaker/<resource>.json`` (see ``breaker.py`` for why the checkpoint storage: it is the one
+  store every runner reaches, a local cluster or an external one, with no new service; and it
+  is read at most once per ``breaker.sync_s`` per process, never per row).
+* **Events.** A transition made in this process is logged and emitted as a Prefect event,
+  ``dpipeline.breaker.opened`` / ``dpipeline.breaker.closed`` on resource
+  ``dpipeline.pipeline.<name>``, with the run key, the resource and the window's figures.
+  Transitions adopted from another process are logged only, so one opening is one event.
+  Nothing in them comes from storage options: no secrets.
+* **Fewer shards at once.** While a breaker is open or half-open, a shard takes a slot of the
+  Prefect global concurrency limit ``dpipeline-degraded-<pipeline>-<run_key>-<resource>``
+  before it writes a batch (retries included). The process that opens the breaker sets that
+  limit to ``breaker.degraded_concurrency`` and the one that closes it deactivates it, so the
+  number of shards writing at once shrinks to that limit and recovers when the resource
+  does. A global concurrency limit because it is the cross-process semaphore that already
+  exists (atomic on the server, leases so a killed holder cannot keep a slot); it costs two
+  API calls per batch, and only while degraded: a closed breaker skips it entirely.
+* **The summary.** :func:`run_report` reads the shared objects once at the end of a run and
+  turns the transitions made during it into the run summary's ``degraded`` list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker, State, StorageSharedState
+from .config import PipelineConfig
+from .storage import Storage, cached_storage, join
+
+__all__ = [
+    "SINK",
+    "EVENT_OPENED",
+    "EVENT_CLOSED",
+    "run_registry",
+    "breaker_storage",
+    "limit_name",
+    "SlotStats",
+    "degraded_slot",
+    "run_report",
+    "cleanup",
+]
+
+log = logging.getLogger("dpipeline_prefect.degrade")
+
+SINK = "sink"
+EVENT_OPENED = "dpipeline.breaker.opened"
+EVENT_CLOSED = "dpipeline.breaker.closed"
+
+_registries: dict[tuple, BreakerRegistry] = {}
+_registries_lock = threading.Lock()
+
+
+def breaker_storage(cfg: PipelineConfig, run_key: str) -> Storage:
+    """The folder of this run's shared breaker objects (beside its checkpoints)."""
+    return cached_storage(join(cfg.checkpoint.path, cfg.name, run_key, "breaker"),
+                          cfg.checkpoint.storage_options)
+
+
+def limit_name(pipeline: str, run_key: str, resource: str) -> str:
+    """The Prefect global concurrency limit that caps writers while ``resource`` is degraded."""
+    return f"dpipeline-degraded-{pipeline}-{run_key}-{resource}"
+
+
+class _PrefectListener:
+    """Logs are the breaker's; this adds the Prefect event and the concurrency limit."""
+
+    def __init__(self, pipeline: str, run_key: str, degraded_concurrency: int) -> None:
+        self.pipeline = pipeline
+        self.run_key = run_key
+        self.degraded_concurrency = degraded_concurrency
+
+    def state_change(self, breaker: CircuitBreaker, old: State, new: State, info: dict[str, Any]) -> None:
+        if info.get("remote") or new is State.HALF_OPEN:
+            return
+        _emit(self.pipeline, self.run_key, breaker.name, new, info)
+        if new is State.OPEN:
+            _set_limit(limit_name(self.pipeline, self.run_key, breaker.name), self.degraded_concurrency, True)
+        elif new is State.CLOSED:
+            _set_limit(limit_name(self.pipeline, self.run_key, breaker.name), self.degraded_concurrency, False)
+
+
+def _emit(pipeline: str, run_key: str, resource: str, new: State, info: dict[str, Any]) -> None:
+    try:
+        from prefect.events import emit_event
+
+        payload = {k: v for k, v in info.items() if k != "remote"}
+        emit_event(
+            event=EVENT_OPENED if new is State.OPEN else EVENT_CLOSED,
+            resource={
+                "prefect.resource.id": f"dpipeline.pipeline.{pipeline}",
+                "prefect.resource.name": pipeline,
+                "dpipeline.run_key": run_key,
+                "dpipeline.breaker": resource,
+            },
+            payload={"resource": resource, "run_key": run_key, "state": new.value,
+                     "host": os.uname().nodename, "pid": os.getpid(), **payload},
+        )
+    except Exception as exc:  # noqa: BLE001 - an event that cannot be sent must not fail a write
+        log.warning("breaker %s: could not emit a Prefect event (%s: %s)", resource, type(exc).__name__, exc)
+
+
+def _set_limit(name: str, limit: int, active: bool) -> None:
+    """Create or update the degraded-writers limit; best effort (logged when it fails)."""
+    try:
+        from prefect import get_client
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                client.update_global_concurrency_limit(
+                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=active))
+            except ObjectNotFound:
+                if active:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
+        log.info("concurrency limit %s: %s", name, f"{limit} writer(s) at once" if active else "lifted")
+    except Exception as exc:  # noqa: BLE001 - degradation is best effort; the breaker still holds
+        log.warning("could not %s concurrency limit %s (%s: %s)", "set" if active else "lift",
+                    name, type(exc).__name__, exc)
+
+
+def run_registry(cfg: PipelineConfig, run_key: str) -> BreakerRegistry:
+    """The breakers of run ``(cfg.name, run_key)`` in this process (made once, then reused)."""
+    b = cfg.breaker
+    policy = BreakerPolicy.from_config(b)
+    key = (cfg.name, run_key, cfg.checkpoint.path, policy, b.degraded_concurrency)
+    with _registries_lock:
+        reg = _registries.get(key)
+        if reg is None:
+            storage = breaker_storage(cfg, run_key)
+            listener = _PrefectListener(cfg.name, run_key, b.degraded_concurrency)
+
+            def make(name: str) -> CircuitBreaker:
+                return CircuitBreaker(name, policy, listeners=[listener],
+                                      shared=StorageSharedState(storage, storage.path(f"{name}.json")))
+
+            reg = _registries[key] = BreakerRegistry(make)
+        return reg
+
+
+@dataclass
+class SlotStats:
+    """What degraded-mode slots cost one shard."""
+
+    waits: int = 0
+    wait_s: float = 0.0
+
+
+@contextlib.contextmanager
+def degraded_slot(breaker: CircuitBreaker | None, pipeline: str, run_key: str,
+                  stats: SlotStats | None = None, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold a slot of the degraded-writers limit for the block, if ``breaker`` is not closed.
+
+    A closed (or absent) breaker costs one state read and no API call. If the slot cannot be
+    had within ``timeout_s`` (or Prefect cannot be reached) the block runs anyway: the
+    breaker and the retry's backoff still protect the resource, and a run never deadlocks on
+    its own degradation.
+    """
+    if breaker is None or breaker.state is State.CLOSED:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    name = limit_name(pipeline, run_key, breaker.name)
+    t0 = time.perf_counter()
+    try:
+        cm = concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=False,
+                         suppress_warnings=True)
+        cm.__enter__()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("no slot of %s (%s: %s); writing without it", name, type(exc).__name__, exc)
+        cm = None
+    if stats is not None:
+        stats.waits += 1
+        stats.wait_s += time.perf_counter() - t0
+    try:
+        yield
+    finally:
+        if cm is not None:
+            with contextlib.suppress(Exception):
+                cm.__exit__(None, None, None)
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_report(cfg: PipelineConfig, run_key: str, since: float) -> dict[str, Any]:
+    """Breaker transitions of this run since ``since`` (wall time), read from the shared objects.
+
+    Returns:
+        ``breaker_openings``, ``breaker_closings``, ``breaker_state`` (resource -> state at
+        the end) and ``degraded`` (one entry per transition, oldest first).
+    """
+    storage = breaker_storage(cfg, run_key)
+    out: dict[str, Any] = {"breaker_openings": 0, "breaker_closings": 0, "breaker_state": {}, "degraded": []}
+    try:
+        paths = [p for p in storage.ls(storage.root) if p.endswith(".json")]
+    except Exception as exc:  # noqa: BLE001 - the summary must not fail a finished run
+        log.warning("cannot list breaker states (%s: %s)", type(exc).__name__, exc)
+        return out
+    for p in paths:
+        resource = p.rsplit("/", 1)[-1][: -len(".json")]
+        try:
+            doc = StorageSharedState(storage, p).read() or {}
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot read breaker state of %s (%s: %s)", resource, type(exc).__name__, exc)
+            continue
+        out["breaker_state"][resource] = doc.get("state", "closed")
+        for h in doc.get("history") or []:
+            if float(h.get("at", 0)) < since:
+                continue
+            opened = h.get("state") == "open"
+            out["breaker_openings" if opened else "breaker_closings"] += 1
+            out["degraded"].append({
+                "at": _iso(float(h["at"])), "resource": resource,
+                "event": "breaker_opened" if opened else "breaker_closed",
+                "reason": h.get("reason", ""),
+                "concurrency": (f"at most {cfg.breaker.degraded_concurrency} shard(s) writing"
+                                if opened else "restored"),
+            })
+    out["degraded"].sort(key=lambda e: e["at"])
+    return out
+
+
+def cleanup(cfg: PipelineConfig, run_key: str, resources: list[str]) -> None:
+    """Delete the degraded-writers limits of a finished run (one API call per resource)."""
+    if not resources:
+        return
+    try:
+        from prefect import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            for r in resources:
+                with contextlib.suppress(ObjectNotFound):
+                    client.delete_global_concurrency_limit_by_name(limit_name(cfg.name, run_key, r))
+    except Exception as exc:  # noqa: BLE001 - a leftover inactive limit limits nothing
+        log.warning("could not delete degraded-writers limits (%s: %s)", type(exc).__name__, exc)
