@@ -29,9 +29,11 @@ from typing import Any
 import pyarrow as pa
 
 from .batching import batches
+from .breaker import BreakerOpenError, use_registry
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
 from .dead_letter import DeadLetters, is_row_error
+from .degrade import SINK, SlotStats, degraded_slot, run_registry
 from .errors import TerminalError
 from .faults import crashpoint
 from .progress import report
@@ -40,7 +42,7 @@ from .shuffle import read_staged
 from .sinks import Sink
 from .sources import InputFile, read_batches, schema_from_b64
 from .storage import Storage, cached_storage
-from .transforms import apply_transforms, load_transforms
+from .transforms import apply_transforms, load_transforms, skipped_transforms
 
 __all__ = ["ShardSpec", "ShardResult", "RunContext", "process_shard"]
 
@@ -90,6 +92,10 @@ class ShardResult:
     bytes_read: int = 0
     bytes_written: int = 0
     duration_s: float = 0.0
+    breaker_rejections: int = 0  # sink write attempts refused by an open breaker (then retried)
+    degraded_slot_waits: int = 0  # batches written under the degraded-writers limit (degrade.py)
+    degraded_slot_wait_s: float = 0.0
+    transforms_skipped: dict[str, int] = field(default_factory=dict)  # optional transform -> batches
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,6 +123,8 @@ def _stream(ctx: RunContext, spec: ShardSpec, source: Storage, work: Storage, sc
 
 def _count_retry(res: ShardResult, spec: ShardSpec, attempt: int, exc: BaseException, delay: float) -> None:
     res.retries += 1
+    if isinstance(exc, BreakerOpenError):
+        res.breaker_rejections += 1
     log.warning("shard %s: sink write attempt %d failed (%s); retrying in %.2f s",
                 spec.label, attempt, exc, delay)
 
@@ -160,6 +168,16 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     counters = {"bytes_read": 0}
     writer = AsyncCheckpointWriter(store)
     retry_policy = RetryPolicy.from_config(cfg.retry)
+    # The sink's breaker is shared by every shard of the run (degrade.py); it sits inside the
+    # retry, so each attempt is recorded and an open breaker fails fast with a transient
+    # error that the retry waits out with backoff. The registry is also the one user code
+    # reaches with breaker.circuit(name) while this shard runs.
+    registry = run_registry(cfg, ctx.run_key)
+    brk = registry.get(SINK) if cfg.breaker.enabled else None
+    guard = brk.call if brk is not None else (lambda fn, *args: fn(*args))
+    slots = SlotStats()
+    registry_scope = use_registry(registry)
+    registry_scope.__enter__()
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
@@ -183,12 +201,15 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
 
                 out, dead = dlq.transform(df, apply)
                 n_dead = dlq.commit(df, dead, next_seq, row0)
+            for name in skipped_transforms(out):
+                res.transforms_skipped[name] = res.transforms_skipped.get(name, 0) + 1
             crashpoint("before_write")
             # A transient sink failure retries this batch only (same names, atomic writes),
             # not the shard from its start.
             try:
-                w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
-                                    on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+                with degraded_slot(brk, cfg.name, ctx.run_key, slots):
+                    w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
+                                        on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
             except TerminalError as e:
                 if dlq is None or not is_row_error(e):
                     raise
@@ -197,8 +218,9 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                 sink.remove_uncommitted(spec.id, next_seq)
                 out, dead = dlq.sink_rejected(e, df, dead, apply, sink)
                 n_dead = dlq.commit(df, dead, next_seq, row0)
-                w = call_with_retry(lambda: sink.write_batch(spec.id, next_seq, out), retry_policy,
-                                    on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+                with degraded_slot(brk, cfg.name, ctx.run_key, slots):
+                    w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
+                                        on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
             del out
             if dlq is not None:
                 del df
@@ -230,10 +252,12 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         writer.flush()
         crashpoint("after_checkpoint")
     finally:
+        registry_scope.__exit__(None, None, None)
         writer.close()
     store.prune(spec.id)
     res.rows_in, res.rows_out, res.batches = rows_in, rows_out, next_seq
     res.rows_dead_letter = rows_dead
     res.bytes_read = counters["bytes_read"]
+    res.degraded_slot_waits, res.degraded_slot_wait_s = slots.waits, round(slots.wait_s, 3)
     res.duration_s = time.perf_counter() - t0
     return res
