@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.runtime import task_run as prefect_task_run
 
-from . import progress
+from . import degrade, progress
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
@@ -125,6 +125,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
 def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
+    started = time.time()  # breaker transitions from this moment on are this run's (degrade.py)
     ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
     store = CheckpointStore(ckpt_storage, cfg.name, run_key)
     sink = Sink(cfg.sink, run_key)
@@ -136,6 +137,9 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         "rows_dead_letter": 0, "shards_total": 0, "shards_skipped": 0, "batches_reprocessed": 0, "retries": 0, "bytes_read": 0,
         "bytes_written": 0, "duration_s": 0.0, "rows_per_s": 0.0, "flow_run_id": flow_run_id,
         "sink": sink.storage.url,
+        # degradation (degrade.py): breaker transitions and what they cost, skipped transforms
+        "breaker_openings": 0, "breaker_closings": 0, "breaker_rejections": 0,
+        "degraded_slot_waits": 0, "transforms_skipped": {}, "degraded": [],
     }
 
     if restart:
@@ -167,7 +171,9 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
             done = dict(manifest.get("summary") or {})
             done.update(status="already_complete", shards_skipped=done.get("shards_total", 0),
                         duration_s=time.perf_counter() - t0, rows_per_s=0.0, bytes_read=0,
-                        batches_reprocessed=0, retries=0, flow_run_id=flow_run_id)
+                        batches_reprocessed=0, retries=0, flow_run_id=flow_run_id,
+                        breaker_openings=0, breaker_closings=0, breaker_rejections=0,
+                        degraded_slot_waits=0, transforms_skipped={}, degraded=[])
             return done
     else:
         load_transforms(cfg.transforms)  # fail now, before anything is written, if one is missing
@@ -264,6 +270,7 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         bytes_read_staged=sum(r.bytes_read for r in results) if cfg.sharding.keyed else 0,
         bytes_written=sum(r.bytes_written for r in results),
     )
+    summary.update(_degradation(cfg, run_key, started, results, logger))
     rows_now = sum(r.rows_in_now for r in results)
     summary["duration_s"] = round(time.perf_counter() - t0, 3)
     summary["rows_per_s"] = round(rows_now / summary["duration_s"], 1) if summary["duration_s"] else 0.0
@@ -278,6 +285,34 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
     logger.info("run %s/%s completed: %d rows in, %d rows out in %.1f s",
                 cfg.name, run_key, summary["rows_in"], summary["rows_out"], summary["duration_s"])
     return summary
+
+
+def _degradation(cfg: PipelineConfig, run_key: str, started: float, results: list[ShardResult],
+                 logger) -> dict[str, Any]:
+    """The run summary's degradation fields: breaker transitions (read once from the shared
+    state), fail-fast rejections, batches written under the degraded-writers limit, skipped
+    optional transforms. The run's degraded-writers limits are deleted here."""
+    rep = degrade.run_report(cfg, run_key, started)
+    skipped: dict[str, int] = {}
+    for r in results:
+        for name, n in r.transforms_skipped.items():
+            skipped[name] = skipped.get(name, 0) + n
+    events = list(rep["degraded"])
+    events += [{"event": "transform_skipped", "transform": name, "batches": n} for name, n in sorted(skipped.items())]
+    if rep["breaker_state"]:
+        degrade.cleanup(cfg, run_key, sorted(rep["breaker_state"]))
+    if events:
+        logger.warning("run %s/%s ran degraded: %d breaker opening(s), %d closing(s), skipped "
+                       "optional transforms: %s", cfg.name, run_key, rep["breaker_openings"],
+                       rep["breaker_closings"], skipped or "none")
+    return {
+        "breaker_openings": rep["breaker_openings"],
+        "breaker_closings": rep["breaker_closings"],
+        "breaker_rejections": sum(r.breaker_rejections for r in results),
+        "degraded_slot_waits": sum(r.degraded_slot_waits for r in results),
+        "transforms_skipped": skipped,
+        "degraded": events,
+    }
 
 
 def _shuffle(ctx: RunContext, files: list[dict], docs: dict, logger) -> int:
