@@ -13,11 +13,15 @@
 * **Fewer shards at once.** While a breaker is open or half-open, a shard takes a slot of the
   Prefect global concurrency limit ``dpipeline-degraded-<pipeline>-<run_key>-<resource>``
   before it writes a batch (retries included). The process that opens the breaker sets that
-  limit to ``breaker.degraded_concurrency`` and the one that closes it deactivates it, so the
-  number of shards writing at once shrinks to that limit and recovers when the resource
-  does. A global concurrency limit because it is the cross-process semaphore that already
-  exists (atomic on the server, leases so a killed holder cannot keep a slot); it costs two
-  API calls per batch, and only while degraded: a closed breaker skips it entirely.
+  limit to ``breaker.degraded_concurrency`` and the one that closes it raises it back to
+  :data:`RESTORED_LIMIT`, so the number of shards writing at once shrinks to that limit and
+  recovers when the resource does. A global concurrency limit because it is the
+  cross-process semaphore that already exists (atomic on the server, leases so a killed
+  holder cannot keep a slot for more than a minute); it costs two API calls per batch, and
+  only while degraded: a closed breaker skips it entirely. The limit is raised, never
+  deactivated: Prefect 3.9 does not decrement an *inactive* limit on release, so a slot taken
+  while active and given back after deactivation would stay counted until its lease expired
+  (measured here: five minutes of every shard waiting).
 * **The summary.** :func:`run_report` reads the shared objects once at the end of a run and
   turns the transitions made during it into the run summary's ``degraded`` list.
 """
@@ -56,6 +60,8 @@ log = logging.getLogger("dpipeline_prefect.degrade")
 SINK = "sink"
 EVENT_OPENED = "dpipeline.breaker.opened"
 EVENT_CLOSED = "dpipeline.breaker.closed"
+RESTORED_LIMIT = 1_000_000  # "no limit" while closed; holders still release into it correctly
+_LEASE_S = 60.0  # the server's minimum: a killed holder's slot is freed after this
 
 _registries: dict[tuple, BreakerRegistry] = {}
 _registries_lock = threading.Lock()
@@ -84,10 +90,8 @@ class _PrefectListener:
         if info.get("remote") or new is State.HALF_OPEN:
             return
         _emit(self.pipeline, self.run_key, breaker.name, new, info)
-        if new is State.OPEN:
-            _set_limit(limit_name(self.pipeline, self.run_key, breaker.name), self.degraded_concurrency, True)
-        elif new is State.CLOSED:
-            _set_limit(limit_name(self.pipeline, self.run_key, breaker.name), self.degraded_concurrency, False)
+        name = limit_name(self.pipeline, self.run_key, breaker.name)
+        _set_limit(name, self.degraded_concurrency if new is State.OPEN else RESTORED_LIMIT)
 
 
 def _emit(pipeline: str, run_key: str, resource: str, new: State, info: dict[str, Any]) -> None:
@@ -110,7 +114,7 @@ def _emit(pipeline: str, run_key: str, resource: str, new: State, info: dict[str
         log.warning("breaker %s: could not emit a Prefect event (%s: %s)", resource, type(exc).__name__, exc)
 
 
-def _set_limit(name: str, limit: int, active: bool) -> None:
+def _set_limit(name: str, limit: int) -> None:
     """Create or update the degraded-writers limit; best effort (logged when it fails)."""
     try:
         from prefect import get_client
@@ -120,15 +124,15 @@ def _set_limit(name: str, limit: int, active: bool) -> None:
         with get_client(sync_client=True) as client:
             try:
                 client.update_global_concurrency_limit(
-                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=active))
+                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
             except ObjectNotFound:
-                if active:
+                if limit != RESTORED_LIMIT:
                     client.create_global_concurrency_limit(
                         GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
-        log.info("concurrency limit %s: %s", name, f"{limit} writer(s) at once" if active else "lifted")
+        log.info("concurrency limit %s: %s", name,
+                 "lifted" if limit == RESTORED_LIMIT else f"{limit} writer(s) at once")
     except Exception as exc:  # noqa: BLE001 - degradation is best effort; the breaker still holds
-        log.warning("could not %s concurrency limit %s (%s: %s)", "set" if active else "lift",
-                    name, type(exc).__name__, exc)
+        log.warning("could not set concurrency limit %s to %d (%s: %s)", name, limit, type(exc).__name__, exc)
 
 
 def run_registry(cfg: PipelineConfig, run_key: str) -> BreakerRegistry:
@@ -160,7 +164,7 @@ class SlotStats:
 
 @contextlib.contextmanager
 def degraded_slot(breaker: CircuitBreaker | None, pipeline: str, run_key: str,
-                  stats: SlotStats | None = None, timeout_s: float = 300.0) -> Iterator[None]:
+                  stats: SlotStats | None = None, timeout_s: float = 60.0) -> Iterator[None]:
     """Hold a slot of the degraded-writers limit for the block, if ``breaker`` is not closed.
 
     A closed (or absent) breaker costs one state read and no API call. If the slot cannot be
@@ -176,21 +180,22 @@ def degraded_slot(breaker: CircuitBreaker | None, pipeline: str, run_key: str,
     name = limit_name(pipeline, run_key, breaker.name)
     t0 = time.perf_counter()
     try:
-        cm = concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=False,
-                         suppress_warnings=True)
+        cm = concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=False, lease_duration=_LEASE_S)
         cm.__enter__()
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("no slot of %s (%s: %s); writing without it", name, type(exc).__name__, exc)
         cm = None
-    if stats is not None:
+    if stats is not None and cm is not None:
         stats.waits += 1
         stats.wait_s += time.perf_counter() - t0
     try:
         yield
     finally:
         if cm is not None:
-            with contextlib.suppress(Exception):
+            try:
                 cm.__exit__(None, None, None)
+            except Exception as exc:  # noqa: BLE001 - the lease frees the slot within _LEASE_S
+                log.warning("could not release a slot of %s (%s: %s)", name, type(exc).__name__, exc)
 
 
 def _iso(t: float) -> str:
@@ -247,5 +252,5 @@ def cleanup(cfg: PipelineConfig, run_key: str, resources: list[str]) -> None:
             for r in resources:
                 with contextlib.suppress(ObjectNotFound):
                     client.delete_global_concurrency_limit_by_name(limit_name(cfg.name, run_key, r))
-    except Exception as exc:  # noqa: BLE001 - a leftover inactive limit limits nothing
+    except Exception as exc:  # noqa: BLE001 - a finished run's leftover limit holds nobody back
         log.warning("could not delete degraded-writers limits (%s: %s)", type(exc).__name__, exc)
