@@ -247,6 +247,10 @@ class DeadLetterStore:
 
     def files(self) -> list[tuple[str, str, int, int]]:
         """(path, shard, seq, round) of every dead-letter file, sorted."""
+        try:  # s3fs caches listings; Dask workers or another process may have written since
+            self.storage.fs.invalidate_cache(self.storage.root)
+        except Exception:  # noqa: BLE001 - a cache that cannot be invalidated is not an error
+            pass
         out = []
         for p in self.storage.find(self.storage.root):
             m = _FILE_RE.match(p.rsplit("/", 1)[-1])

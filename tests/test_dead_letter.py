@@ -413,3 +413,31 @@ def test_resume_drops_dead_letters_of_batches_past_the_checkpoint(tmp_path, data
     # every input row is either in the output or in the queue, never both
     got = assert_exactly_once(str(tmp_path / "out" / "k"), reference(df[~df["row_id"].isin(q["row_id"])]))
     assert not set(got["row_id"]) & set(q["row_id"])
+
+
+@pytest.mark.s3
+@pytest.mark.prefect
+def test_dead_letters_and_replay_on_s3(tmp_path, data, s3):
+    """Checkpoints, dead letters (default folder beside them) and sink on SeaweedFS."""
+    from dpipeline_prefect.dead_letter import replay
+
+    src, df = data
+    poison = _poison_ids(df, 0.01, seed=6)
+    prefix = uuid.uuid4().hex
+    opts = s3.storage_options()
+    cfg, p, _ = _setup(tmp_path, src, poison, dead_letter={"max_fraction": 0.05},
+                       sink={"format": "parquet", "path": f"s3://out/{prefix}/", "storage_options": opts},
+                       checkpoint={"path": f"s3://ckpt/{prefix}/", "storage_options": opts})
+    summary = Pipeline(cfg, base_dir=str(tmp_path)).run(run_key="s3")
+    assert summary["rows_dead_letter"] == len(poison)
+    url, _ = dead_letter_url(parse_config(cfg), "s3")
+    assert url == f"s3://ckpt/{prefix}/{cfg['name']}.dead_letter/s3"
+    q = _queue(cfg, "s3")
+    assert q["row_id"].is_unique and set(q["row_id"]) == set(poison)
+    assert_exactly_once(f"s3://out/{prefix}/", reference(df[~df["row_id"].isin(poison)]), opts)
+    set_poison(tmp_path, [])
+    rep = replay(parse_config(cfg), "s3")
+    assert rep.rows_still_dead == 0 and rep.rows_replayed == len(poison)
+    assert_exactly_once(f"s3://out/{prefix}/", reference(df), opts)
+    assert replay(parse_config(cfg), "s3").rows_out == 0
+    assert_exactly_once(f"s3://out/{prefix}/", reference(df), opts)
