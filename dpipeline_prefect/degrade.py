@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .breaker import BreakerPolicy, BreakerRegistry, CircuitBreaker, State, StorageSharedState
+from .breaker import BreakerOpenError, BreakerPolicy, BreakerRegistry, CircuitBreaker, State, StorageSharedState
 from .config import PipelineConfig
 from .storage import Storage, cached_storage, join
 
@@ -50,6 +50,7 @@ __all__ = [
     "breaker_storage",
     "limit_name",
     "SlotStats",
+    "DegradedSlot",
     "degraded_slot",
     "run_report",
     "cleanup",
@@ -119,7 +120,7 @@ def _set_limit(name: str, limit: int) -> None:
     try:
         from prefect import get_client
         from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-        from prefect.exceptions import ObjectNotFound
+        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
         with get_client(sync_client=True) as client:
             try:
@@ -127,8 +128,12 @@ def _set_limit(name: str, limit: int) -> None:
                     name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
             except ObjectNotFound:
                 if limit != RESTORED_LIMIT:
-                    client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
+                    try:
+                        client.create_global_concurrency_limit(
+                            GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
+                    except ObjectAlreadyExists:  # another process opened it at the same moment
+                        client.update_global_concurrency_limit(
+                            name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
         log.info("concurrency limit %s: %s", name,
                  "lifted" if limit == RESTORED_LIMIT else f"{limit} writer(s) at once")
     except Exception as exc:  # noqa: BLE001 - degradation is best effort; the breaker still holds
@@ -162,40 +167,65 @@ class SlotStats:
     wait_s: float = 0.0
 
 
-@contextlib.contextmanager
-def degraded_slot(breaker: CircuitBreaker | None, pipeline: str, run_key: str,
-                  stats: SlotStats | None = None, timeout_s: float = 60.0) -> Iterator[None]:
-    """Hold a slot of the degraded-writers limit for the block, if ``breaker`` is not closed.
+class DegradedSlot:
+    """Holds a slot of the degraded-writers limit while one batch is written (retries included).
 
-    A closed (or absent) breaker costs one state read and no API call. If the slot cannot be
-    had within ``timeout_s`` (or Prefect cannot be reached) the block runs anyway: the
-    breaker and the retry's backoff still protect the resource, and a run never deadlocks on
-    its own degradation.
+    The slot is taken when the block starts if the breaker is not closed, or at the first
+    retry that an open breaker refused (:meth:`on_retry`): a shard that finds the resource
+    failing then queues for one of ``degraded_concurrency`` slots instead of retrying on its
+    own, so only that many shards keep trying. A closed (or absent) breaker costs one state
+    read and no API call. If the slot cannot be had within ``timeout_s`` (or Prefect cannot
+    be reached) the write goes on without it: the breaker and the retry's backoff still
+    protect the resource, and a run never deadlocks on its own degradation.
     """
-    if breaker is None or breaker.state is State.CLOSED:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
 
-    name = limit_name(pipeline, run_key, breaker.name)
-    t0 = time.perf_counter()
-    try:
-        cm = concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=False, lease_duration=_LEASE_S)
-        cm.__enter__()
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        log.warning("no slot of %s (%s: %s); writing without it", name, type(exc).__name__, exc)
-        cm = None
-    if stats is not None and cm is not None:
-        stats.waits += 1
-        stats.wait_s += time.perf_counter() - t0
-    try:
-        yield
-    finally:
+    def __init__(self, breaker: CircuitBreaker | None, pipeline: str, run_key: str,
+                 stats: SlotStats | None = None, timeout_s: float = 60.0) -> None:
+        self.breaker = breaker
+        self.name = limit_name(pipeline, run_key, breaker.name) if breaker is not None else ""
+        self.stats = stats
+        self.timeout_s = timeout_s
+        self._cm: Any = None
+
+    def __enter__(self) -> "DegradedSlot":
+        if self.breaker is not None and self.breaker.state is not State.CLOSED:
+            self._acquire()
+        return self
+
+    def on_retry(self, exc: BaseException) -> None:
+        """Call before each retry's wait: an open breaker's refusal makes this shard queue."""
+        if self._cm is None and self.breaker is not None and isinstance(exc, BreakerOpenError):
+            self._acquire()
+
+    def _acquire(self) -> None:
+        from prefect.concurrency.sync import concurrency
+
+        t0 = time.perf_counter()
+        try:
+            cm = concurrency(self.name, occupy=1, timeout_seconds=self.timeout_s, strict=False,
+                             lease_duration=_LEASE_S)
+            cm.__enter__()
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            log.warning("no slot of %s (%s: %s); writing without it", self.name, type(exc).__name__, exc)
+            return
+        self._cm = cm
+        if self.stats is not None:
+            self.stats.waits += 1
+            self.stats.wait_s += time.perf_counter() - t0
+
+    def __exit__(self, *exc: Any) -> None:
+        cm, self._cm = self._cm, None
         if cm is not None:
             try:
                 cm.__exit__(None, None, None)
-            except Exception as exc:  # noqa: BLE001 - the lease frees the slot within _LEASE_S
-                log.warning("could not release a slot of %s (%s: %s)", name, type(exc).__name__, exc)
+            except Exception as e:  # noqa: BLE001 - the lease frees the slot within _LEASE_S
+                log.warning("could not release a slot of %s (%s: %s)", self.name, type(e).__name__, e)
+
+
+def degraded_slot(breaker: CircuitBreaker | None, pipeline: str, run_key: str,
+                  stats: SlotStats | None = None, timeout_s: float = 60.0) -> DegradedSlot:
+    """A :class:`DegradedSlot` for one batch write: ``with degraded_slot(...) as slot:``."""
+    return DegradedSlot(breaker, pipeline, run_key, stats, timeout_s)
 
 
 def _iso(t: float) -> str:

@@ -207,9 +207,10 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             # A transient sink failure retries this batch only (same names, atomic writes),
             # not the shard from its start.
             try:
-                with degraded_slot(brk, cfg.name, ctx.run_key, slots):
+                with degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
                     w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
-                                        on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+                                        on_retry=lambda attempt, exc, delay: (
+                                            _count_retry(res, spec, attempt, exc, delay), slot.on_retry(exc)))
             except TerminalError as e:
                 if dlq is None or not is_row_error(e):
                     raise
@@ -218,9 +219,10 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                 sink.remove_uncommitted(spec.id, next_seq)
                 out, dead = dlq.sink_rejected(e, df, dead, apply, sink)
                 n_dead = dlq.commit(df, dead, next_seq, row0)
-                with degraded_slot(brk, cfg.name, ctx.run_key, slots):
+                with degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
                     w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
-                                        on_retry=lambda attempt, exc, delay: _count_retry(res, spec, attempt, exc, delay))
+                                        on_retry=lambda attempt, exc, delay: (
+                                            _count_retry(res, spec, attempt, exc, delay), slot.on_retry(exc)))
             del out
             if dlq is not None:
                 del df
