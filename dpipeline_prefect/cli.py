@@ -97,9 +97,12 @@ def _summary_table(s: dict) -> Table:
     t = Table(title=f"{s['pipeline']} / {s['run_key']}: {s['status']}", show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
-    for k in ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed", "bytes_read",
-              "bytes_written", "duration_s", "rows_per_s", "sink", "flow_run_id"):
+    for k in ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed",
+              "retries", "bytes_read", "bytes_written", "duration_s", "rows_per_s", "lock_waited_s", "sink",
+              "flow_run_id"):
         v = s.get(k)
+        if v is None or (k == "lock_waited_s" and v < 0.5):
+            continue
         t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     return t
 
@@ -110,6 +113,10 @@ def run(
     run_key: str = typer.Option("default", "--run-key", help="Identifies the run; re-use it to resume."),
     restart: bool = typer.Option(False, "--restart", help="Discard this run key's checkpoints and output first."),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write the run summary here."),
+    wait: Optional[float] = typer.Option(
+        None, "--wait", min=0,
+        help="If another run of this pipeline and run key holds the lock, wait up to this many seconds "
+             "(default: lock.wait_s from the file)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and full tracebacks."),
 ) -> None:
     """Run (or resume) a pipeline."""
@@ -118,6 +125,8 @@ def run(
         from .pipeline import Pipeline
 
         p = Pipeline.from_yaml(pipeline)
+        if wait is not None:
+            p.config.lock.wait_s = wait
         from . import progress
 
         bar = _Progress()

@@ -45,8 +45,13 @@ def report(run: str, shard: str, rows: int) -> None:
 
 def subscribe(task_runner: Any, run: str) -> Callable[[], None]:
     """Forward this run's worker events to the hooks; return a function that unsubscribes."""
-    client = getattr(task_runner, "_client", None)
-    if client is None or not hooks:
+    if not hooks or not isinstance(getattr(type(task_runner), "client", None), property):
+        return lambda: None
+    try:
+        # prefect-dask creates its client (and cluster) on first use: subscribing happens
+        # before the first submit, so make it now.
+        client = task_runner.client
+    except Exception:  # noqa: BLE001 - progress is best effort; submit will report the error
         return lambda: None
 
     def handler(event: Any) -> None:

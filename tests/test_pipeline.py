@@ -125,8 +125,19 @@ def test_partitioned_output_and_dask_processes(tmp_path, small):
     src, df = small
     cfg = _cfg(tmp_path, src, sharding={"strategy": "hash", "key": "carrier", "shards": 3},
                sink={"partition_by": ["origin"]}, runner={"kind": "dask", "workers": 2})
-    summary = Pipeline(cfg).run(run_key="d")
+    from dpipeline_prefect import progress
+
+    events: list[tuple[str, dict]] = []
+    progress.hooks.append(lambda e, p: events.append((e, p)))
+    try:
+        summary = Pipeline(cfg).run(run_key="d")
+    finally:
+        progress.hooks.clear()
     assert summary["status"] == "completed"
+    # live progress: every committed batch reported from the worker processes, rows add up
+    batch_rows = [p["rows"] for e, p in events if e == "batch"]
+    assert len(batch_rows) >= summary["shards_total"] and sum(batch_rows) == len(df)
+    assert sum(1 for e, _ in events if e == "shard_done") == summary["shards_total"]
     assert sorted(p.name for p in (tmp_path / "out").glob("origin=*")) == sorted(
         f"origin={o}" for o in df["origin"].unique())
     assert_exactly_once(str(tmp_path / "out"), reference(df))
