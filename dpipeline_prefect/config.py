@@ -446,6 +446,15 @@ class PipelineConfig(_Model):
         }
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation such as ``X | None`` or ``list[str | X]``."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
@@ -455,9 +464,11 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             model: type[BaseModel] = PipelineConfig
             for part in e["loc"][:-1]:
                 field = model.model_fields.get(str(part))
-                ann = getattr(field, "annotation", None) if field else None
-                if isinstance(ann, type) and issubclass(ann, BaseModel):
-                    model = ann
+                if field is None:
+                    continue  # a list index or a union member's tag
+                found = _models_in(field.annotation)
+                if found:
+                    model = next((m for m in found if m.__name__ in map(str, e["loc"])), found[0])
             allowed = ", ".join(model.model_fields)
             msg = f"unknown field; allowed here: {allowed}"
         elif e["type"] == "missing":
