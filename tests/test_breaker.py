@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
-import random
 import time
 import uuid
 from pathlib import Path
@@ -46,12 +46,17 @@ CLEAN = "dpipeline_prefect.examples.flights:clean"
 
 
 # --- fault injection: a local filesystem that fails a fraction of output writes -------------
+_writes = itertools.count()
+
+
 class FlakyFileSystem(LocalFileSystem):
     """``flaky:///path``: local disk whose ``pipe_file`` of ``part-*`` files fails with EBUSY
-    (what s3fs raises for S3 SlowDown / 503) at rate ``DPIPELINE_TEST_FLAKY_RATE``.
+    (what s3fs raises for S3 SlowDown / 503) for ``DPIPELINE_TEST_FLAKY_RATE`` of the writes.
 
-    Every injected failure appends a line to ``DPIPELINE_TEST_FLAKY_LOG`` (if set), so the
-    test knows how many there were across worker processes.
+    Deterministic, in bursts as real outages come: in each process, writes 0-2 of every 10
+    fail (for the default 0.3), so the breaker opens for sure and the test cannot pass or
+    fail by luck. Every injected failure appends a line to ``DPIPELINE_TEST_FLAKY_LOG`` (if
+    set), so the test knows how many there were across worker processes.
     """
 
     protocol = ("flaky",)
@@ -62,7 +67,7 @@ class FlakyFileSystem(LocalFileSystem):
 
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
         rate = float(os.environ.get("DPIPELINE_TEST_FLAKY_RATE", "0.3"))
-        if os.path.basename(path).startswith("part-") and random.random() < rate:
+        if os.path.basename(path).startswith("part-") and next(_writes) % 10 < round(rate * 10):
             log = os.environ.get("DPIPELINE_TEST_FLAKY_LOG")
             if log:
                 with open(log, "a") as f:
