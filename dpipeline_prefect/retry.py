@@ -114,6 +114,11 @@ def is_transient(exc: BaseException) -> bool:
     return type(exc).__name__ in _LOST_WORKER_NAMES
 
 
+# How long one call may wait in total on open circuit breakers before giving up (and
+# leaving it to the task-level retry, which resumes from the checkpoint).
+BREAKER_WAIT_BUDGET_S = 300.0
+
+
 def call_with_retry(
     fn: Callable[[], T],
     policy: RetryPolicy,
@@ -135,16 +140,30 @@ def call_with_retry(
     Returns:
         What ``fn`` returned on its first successful attempt.
 
+    An error carrying ``retry_after_s`` (an open circuit breaker's refusal: the call was not
+    made) uses up no attempt: the call waits that long and tries again, for at most
+    ``BREAKER_WAIT_BUDGET_S`` in all.
+
     Raises:
         The first terminal error at once, or the last transient error once the attempts are
         used up (then a Prefect task retry, if configured, takes over).
     """
     schedule = backoff_schedule(policy)
     attempt = 1
+    waited_on_breaker = 0.0
     while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised unless transient
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after is not None and is_transient(exc) and waited_on_breaker < BREAKER_WAIT_BUDGET_S:
+                # An open circuit breaker refused the call: nothing was tried, so no attempt
+                # is used up. Wait until it lets calls through again (with jitter, so shards
+                # do not all come back at once), within an overall budget.
+                delay = jittered(max(float(retry_after), policy.base_delay_s / 10), policy, rng)
+                waited_on_breaker += delay
+                sleep(delay)
+                continue
             if attempt >= policy.max_attempts or not is_transient(exc):
                 raise
             delay = jittered(schedule[attempt - 1], policy, rng)

@@ -366,3 +366,29 @@ def test_terminal_sink_error_is_not_retried(tmp_path, small, flaky):
         Pipeline(_cfg(tmp_path, src, retry={"max_attempts": 4, "base_delay_s": 0.01})).run(run_key="t3")
     assert "access denied" in str(e.value) and SECRET not in str(e.value)
     assert flaky.attempts and all(n == 1 for n in flaky.attempts.values()), flaky.attempts
+
+
+def test_open_breaker_refusals_wait_without_using_attempts():
+    from dpipeline_prefect.breaker import BreakerOpenError
+    from dpipeline_prefect.retry import BREAKER_WAIT_BUDGET_S
+
+    calls, slept = [], []
+
+    def fn():
+        calls.append(1)
+        if len(calls) <= 5:
+            raise BreakerOpenError("open", resource="sink", retry_after_s=2.0)
+        return "ok"
+
+    policy = RetryPolicy(max_attempts=2, base_delay_s=1.0, max_delay_s=4.0, multiplier=2.0, jitter=0.0)
+    assert call_with_retry(fn, policy, sleep=slept.append) == "ok"
+    assert slept == [2.0] * 5  # waited as the breaker asked, and 5 refusals used no attempt
+
+    # but not forever: past the budget the refusal is raised like any transient error
+    def always_open():
+        raise BreakerOpenError("open", resource="sink", retry_after_s=100.0)
+
+    slept.clear()
+    with pytest.raises(BreakerOpenError):
+        call_with_retry(always_open, policy, sleep=slept.append)
+    assert sum(slept) >= BREAKER_WAIT_BUDGET_S
