@@ -162,6 +162,8 @@ def call_with_retry(
                 # do not all come back at once), within an overall budget.
                 delay = jittered(max(float(retry_after), policy.base_delay_s / 10), policy, rng)
                 waited_on_breaker += delay
+                if on_retry is not None:
+                    on_retry(attempt, exc, delay)
                 sleep(delay)
                 continue
             if attempt >= policy.max_attempts or not is_transient(exc):
