@@ -40,6 +40,7 @@ from typing import Any
 
 from .breaker import BreakerOpenError, BreakerPolicy, BreakerRegistry, CircuitBreaker, State, StorageSharedState
 from .config import PipelineConfig
+from .prefect_limits import ensure_limit
 from .storage import Storage, cached_storage, join
 
 __all__ = [
@@ -119,21 +120,11 @@ def _set_limit(name: str, limit: int) -> None:
     """Create or update the degraded-writers limit; best effort (logged when it fails)."""
     try:
         from prefect import get_client
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
         with get_client(sync_client=True) as client:
-            try:
-                client.update_global_concurrency_limit(
-                    name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
-            except ObjectNotFound:
-                if limit != RESTORED_LIMIT:
-                    try:
-                        client.create_global_concurrency_limit(
-                            GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
-                    except ObjectAlreadyExists:  # another process opened it at the same moment
-                        client.update_global_concurrency_limit(
-                            name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
+            # Lifting a limit that was never created (a breaker that closed in a process
+            # whose opening set nothing) creates nothing.
+            ensure_limit(client, name, limit, create=limit != RESTORED_LIMIT)
         log.info("concurrency limit %s: %s", name,
                  "lifted" if limit == RESTORED_LIMIT else f"{limit} writer(s) at once")
     except Exception as exc:  # noqa: BLE001 - degradation is best effort; the breaker still holds

@@ -44,6 +44,7 @@ from typing import Any
 from uuid import UUID
 
 from .errors import RunLockedError
+from .prefect_limits import ensure_limit
 
 __all__ = ["RunLock", "lock_name", "HOLDER_GRACE_S"]
 
@@ -205,21 +206,8 @@ class RunLock:
 
     # -- the pieces ----------------------------------------------------------------------------
     def _ensure_limit(self, client) -> None:
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-        try:
-            limit = client.read_global_concurrency_limit_by_name(self.name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=self.name, limit=1))
-            except ObjectAlreadyExists:
-                pass  # another run created it at the same moment
-            return
-        if limit.limit != 1 or not limit.active:
-            # Someone edited it in the UI: a lock is one slot, active.
-            client.update_global_concurrency_limit(
-                self.name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+        # One slot, active - also repairs a lock someone edited in the UI.
+        ensure_limit(client, self.name, 1)
 
     def _try_take(self, client) -> UUID | None:
         from prefect.client.schemas.objects import ConcurrencyLeaseHolder
