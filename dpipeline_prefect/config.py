@@ -34,6 +34,7 @@ __all__ = [
     "RetryConfig",
     "LockConfig",
     "BreakerConfig",
+    "LimitConfig",
     "TransformConfig",
     "load_config",
     "parse_config",
@@ -44,6 +45,7 @@ __all__ = [
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+_RESOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,127}$")
 _SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
 # In the sharding section "key" is a column name, not a credential: it must stay readable.
@@ -351,6 +353,28 @@ class BreakerConfig(_Model):
         return self
 
 
+class LimitConfig(_Model):
+    """Concurrency and rate limit of the sink or of a named resource (see ``limits.py``).
+
+    Enforced with Prefect global concurrency limits named per pipeline and resource (not per
+    run key), so they hold across Dask workers *and* across concurrent runs of the pipeline.
+    """
+
+    concurrency: int | None = Field(
+        None, ge=1, le=1_000_000, description="At most this many calls at once (null: no cap)."
+    )
+    rate_per_s: float | None = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Calls start at most this many times per second, evenly spaced (null: no cap).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LimitConfig":
+        if self.concurrency is None and self.rate_per_s is None:
+            raise ValueError("set concurrency, rate_per_s or both (an empty limit limits nothing)")
+        return self
+
+
 class TransformConfig(_Model):
     """A transform with options; a plain ``module:function`` string is the same with defaults."""
 
@@ -397,12 +421,28 @@ class PipelineConfig(_Model):
     dead_letter: DeadLetterConfig | None = Field(
         None, description="Isolate rejected rows into a dead-letter store (off when absent)."
     )
+    limits: dict[str, LimitConfig] = Field(
+        default_factory=dict,
+        description="Concurrency / rate limits: 'sink' for sink writes, any other name for "
+        "calls wrapped with limits.limited(name).",
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME_RE.fullmatch(v) or len(v) > 100:
             raise ValueError("name must match [a-z0-9_-]+ (at most 100 characters)")
+        return v
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, v: dict[str, LimitConfig]) -> dict[str, LimitConfig]:
+        for name in v:
+            if not _RESOURCE_RE.fullmatch(name):
+                raise ValueError(
+                    f"limit name {name!r} must be 1-100 characters from letters, digits and _ . -, "
+                    "starting with a letter or digit"
+                )
         return v
 
     @field_validator("transforms")

@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.runtime import task_run as prefect_task_run
 
-from . import degrade, progress
+from . import degrade, limits, progress
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
@@ -140,6 +140,8 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         # degradation (degrade.py): breaker transitions and what they cost, skipped transforms
         "breaker_openings": 0, "breaker_closings": 0, "breaker_rejections": 0,
         "degraded_slot_waits": 0, "transforms_skipped": {}, "degraded": [],
+        # concurrency / rate limits (limits.py): seconds shards spent getting slots, per resource
+        "limit_wait_s": 0.0, "limits": {},
     }
 
     if restart:
@@ -173,7 +175,8 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
                         duration_s=time.perf_counter() - t0, rows_per_s=0.0, bytes_read=0,
                         batches_reprocessed=0, retries=0, flow_run_id=flow_run_id,
                         breaker_openings=0, breaker_closings=0, breaker_rejections=0,
-                        degraded_slot_waits=0, transforms_skipped={}, degraded=[])
+                        degraded_slot_waits=0, transforms_skipped={}, degraded=[],
+                        limit_wait_s=0.0, limits={})
             return done
     else:
         load_transforms(cfg.transforms)  # fail now, before anything is written, if one is missing
@@ -228,6 +231,10 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
     if results:
         logger.info("%d of %d shard(s) already complete: skipped", len(results), len(shards))
 
+    # Limits live on the Prefect server, shared by every run of this pipeline: create the
+    # missing ones and apply changed values before any shard takes a slot (no API call when
+    # none is configured).
+    limits_set = limits.ensure_limits(cfg) if todo else {}
     errors: list[tuple[str, BaseException]] = []
     unsubscribe = progress.subscribe(_task_runner(), f"{cfg.name}/{run_key}")
     shard = shard_task.with_options(**_task_options(cfg))
@@ -271,6 +278,7 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         bytes_written=sum(r.bytes_written for r in results),
     )
     summary.update(_degradation(cfg, run_key, started, results, logger))
+    summary.update(_limits_summary(cfg, results, limits_set))
     rows_now = sum(r.rows_in_now for r in results)
     summary["duration_s"] = round(time.perf_counter() - t0, 3)
     summary["rows_per_s"] = round(rows_now / summary["duration_s"], 1) if summary["duration_s"] else 0.0
@@ -313,6 +321,27 @@ def _degradation(cfg: PipelineConfig, run_key: str, started: float, results: lis
         "transforms_skipped": skipped,
         "degraded": events,
     }
+
+
+def _limits_summary(cfg: PipelineConfig, results: list[ShardResult],
+                    limits_set: dict[str, str]) -> dict[str, Any]:
+    """The run summary's limit fields: ``limit_wait_s`` (seconds all shards of this run spent
+    getting limit slots, sink and user resources together) and ``limits`` (per configured
+    resource: its settings, slots taken, seconds waited, and what run start did to its
+    server limits)."""
+    per: dict[str, dict[str, Any]] = {}
+    for resource, spec in cfg.limits.items():
+        server = {n: what for n, what in limits_set.items()
+                  if n in (limits.concurrency_limit_name(cfg.name, resource),
+                           limits.rate_limit_name(cfg.name, resource))}
+        per[resource] = {"concurrency": spec.concurrency, "rate_per_s": spec.rate_per_s,
+                         "slots": 0, "wait_s": 0.0, "server": server}
+    for r in results:
+        for resource, st in r.limits.items():
+            e = per.setdefault(resource, {"slots": 0, "wait_s": 0.0})
+            e["slots"] += int(st["slots"])
+            e["wait_s"] = round(e["wait_s"] + float(st["wait_s"]), 3)
+    return {"limit_wait_s": round(sum(e["wait_s"] for e in per.values()), 3), "limits": per}
 
 
 def _shuffle(ctx: RunContext, files: list[dict], docs: dict, logger) -> int:

@@ -29,13 +29,14 @@ from typing import Any
 import pyarrow as pa
 
 from .batching import batches
-from .breaker import BreakerOpenError, use_registry
+from .breaker import BreakerOpenError, State, use_registry
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
 from .dead_letter import DeadLetters, is_row_error
 from .degrade import SINK, SlotStats, degraded_slot, run_registry
 from .errors import TerminalError
 from .faults import crashpoint
+from .limits import run_limits, use_limits
 from .progress import report
 from .retry import RetryPolicy, call_with_retry
 from .shuffle import read_staged
@@ -96,6 +97,7 @@ class ShardResult:
     degraded_slot_waits: int = 0  # batches written under the degraded-writers limit (degrade.py)
     degraded_slot_wait_s: float = 0.0
     transforms_skipped: dict[str, int] = field(default_factory=dict)  # optional transform -> batches
+    limits: dict[str, dict] = field(default_factory=dict)  # resource -> {slots, wait_s} (limits.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,9 +177,23 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     registry = run_registry(cfg, ctx.run_key)
     brk = registry.get(SINK) if cfg.breaker.enabled else None
     guard = brk.call if brk is not None else (lambda fn, *args: fn(*args))
+    # Concurrency / rate limits (limits.py): a slot per write attempt, inside the retry and
+    # outside the breaker, so waiting for a slot is never a slow call and a call the breaker
+    # refuses takes no slot. Without a sink limit the write path is unchanged: no API call.
+    lims = run_limits(cfg)
+    if lims.configured(SINK):
+        breaker_call = guard
+
+        def guard(fn, *args):
+            if brk is not None and brk.state is State.OPEN:
+                return breaker_call(fn, *args)  # refused at once: no slot for a call not made
+            with lims.slot(SINK):
+                return breaker_call(fn, *args)
     slots = SlotStats()
     registry_scope = use_registry(registry)
     registry_scope.__enter__()
+    limits_scope = use_limits(lims)  # limits.limited(name) in transforms finds the run's limits
+    limits_scope.__enter__()
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
@@ -254,6 +270,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         writer.flush()
         crashpoint("after_checkpoint")
     finally:
+        limits_scope.__exit__(None, None, None)
         registry_scope.__exit__(None, None, None)
         writer.close()
     store.prune(spec.id)
@@ -261,5 +278,6 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     res.rows_dead_letter = rows_dead
     res.bytes_read = counters["bytes_read"]
     res.degraded_slot_waits, res.degraded_slot_wait_s = slots.waits, round(slots.wait_s, 3)
+    res.limits = lims.report()
     res.duration_s = time.perf_counter() - t0
     return res
