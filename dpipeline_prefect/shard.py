@@ -157,8 +157,6 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     if state:
         # Resuming: output written past the last saved checkpoint is redone from scratch.
         res.batches_reprocessed = sink.remove_uncommitted(spec.id, next_seq)
-    else:
-        store.save_shard(spec.id, {"done": False, "next_seq": 0, "offset": 0, "rows_in": 0, "rows_out": 0, "bytes_written": 0})
 
     schema = schema_from_b64(ctx.schema_b64)
     transforms = load_transforms(cfg.transforms)
@@ -169,6 +167,13 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             dlq.store.remove_uncommitted(spec.id, next_seq)
     counters = {"bytes_read": 0}
     writer = AsyncCheckpointWriter(store)
+    # A fresh shard records that it started before it publishes any output (a resumed attempt
+    # then knows to clean up past its checkpoint). The save runs in the background while the
+    # first batch is read, and is waited for before that batch produces output.
+    started_pending = not state
+    if started_pending:
+        writer.submit(spec.id, {"done": False, "next_seq": 0, "offset": 0, "rows_in": 0,
+                                "rows_out": 0, "bytes_written": 0})
     retry_policy = RetryPolicy.from_config(cfg.retry)
     # The sink's breaker is shared by every shard of the run (degrade.py); it sits inside the
     # retry, so each attempt is recorded and an open breaker fails fast with a transient
@@ -203,6 +208,9 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             table, batch = batch.table, None
             df = table.to_pandas(split_blocks=True, self_destruct=True)
             del table
+            if started_pending:
+                writer.flush()
+                started_pending = False
             where = f"shard {spec.label} batch {next_seq}"
             n_dead = 0
             if dlq is None:
