@@ -98,11 +98,16 @@ def _summary_table(s: dict) -> Table:
     t.add_column(style="bold")
     t.add_column(justify="right")
     for k in ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed",
-              "retries", "bytes_read", "bytes_written", "duration_s", "rows_per_s", "lock_waited_s", "sink",
+              "retries", "bytes_read", "bytes_written", "duration_s", "rows_per_s", "lock_waited_s",
+              "limit_wait_s", "breaker_openings", "transforms_skipped", "sink",
               "flow_run_id"):
         v = s.get(k)
-        if v is None or (k == "lock_waited_s" and v < 0.5):
+        if v is None or (k in ("lock_waited_s", "limit_wait_s") and v < 0.5):
             continue
+        if k in ("breaker_openings", "transforms_skipped") and not v:
+            continue  # shown only when the run degraded
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
         t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     return t
 
