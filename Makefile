@@ -12,7 +12,7 @@ PYTEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
 TESTS ?= tests
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench lint clean chaos
 
 venv: $(STAMP)
 
@@ -26,6 +26,18 @@ $(STAMP): pyproject.toml
 test: venv
 	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) $(TESTS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The chaos suite alone (tests/chaos plus the fault tests it reuses), then RELIABILITY.md from
+# the figures the tests record; the exit code is pytest's.
+CHAOS_RECORD := build/chaos-record.jsonl
+CHAOS_REUSED := tests/test_breaker.py::test_flaky_sink_run_completes_exactly_once_with_breaker_cycles \
+	tests/test_dead_letter.py::test_poison_rows_go_to_the_queue_and_replay_completes_the_output \
+	tests/test_lock.py::test_two_concurrent_cli_runs_one_runs_the_other_waits_or_stops
+chaos: venv
+	@mkdir -p build && rm -f $(CHAOS_RECORD)
+	@rc=0; DPIPELINE_CHAOS_RECORD=$(CURDIR)/$(CHAOS_RECORD) $(PY) -m pytest -q -p no:cacheprovider \
+		-p tests.chaos.recorder --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) tests/chaos $(CHAOS_REUSED) || rc=$$?; \
+	$(PY) tests/chaos/report.py $(CHAOS_RECORD) RELIABILITY.md; exit $$rc
 
 demo: venv
 	$(PY) examples/flights/run_demo.py

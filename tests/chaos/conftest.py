@@ -25,14 +25,14 @@ BATCH = 2000
 
 # A transform module written next to each pipeline YAML (the pipeline's folder is importable in
 # the run and in its Dask workers). It sleeps a little per batch so shards last long enough to
-# be hit mid-way, and appends one line per batch it transforms to a log, which counts batches
-# that were transformed more than once (redone after a kill).
+# be hit mid-way, and appends one line per batch it starts to a log, which counts batches that
+# were transformed more than once (redone after a kill).
 SLOW_TRANSFORM = '''
 import os, time
 from dpipeline_prefect.examples.flights import clean
 
 def slow_clean(df):
-    time.sleep(float(os.environ.get("CHAOS_SLEEP_S", "0.3")))
+    # logged before the work, so a batch cut short by a kill counts as redone when rerun
     log = os.environ.get("CHAOS_BATCH_LOG")
     if log and len(df):
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -40,6 +40,7 @@ def slow_clean(df):
             os.write(fd, f"{int(df['row_id'].min())}:{len(df)}\\n".encode())
         finally:
             os.close(fd)
+    time.sleep(float(os.environ.get("CHAOS_SLEEP_S", "0.3")))
     return clean(df)
 '''
 
