@@ -50,6 +50,7 @@ def test_s3_outage_mid_run_with_checkpoints_and_sink_on_it(chaos, seaweedfs_fact
     srv.stop(kill=True)
     down = time.monotonic()
     time.sleep(OUTAGE_S)
+    assert proc.poll() is None, "the run ended during the outage: " + proc.communicate()[1][-3000:]
     srv.start()
     outage = time.monotonic() - down
     out, err = proc.communicate(timeout=400)
@@ -72,6 +73,7 @@ def test_prefect_server_restart_mid_run(chaos, tmp_path):
         srv.stop()
         down = time.monotonic()
         time.sleep(3)
+        still_running = proc.poll() is None  # else it failed at once: the re-run must resume it
         srv.start()
         outage = time.monotonic() - down
         out, err = proc.communicate(timeout=400)
@@ -83,7 +85,7 @@ def test_prefect_server_restart_mid_run(chaos, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         print(f"Prefect down {outage:.1f} s; first run exit {first_rc}; re-runs {reruns}")
         chaos.check(str(chaos.dir / "out" / "k"), chaos.want, outages=1, outage_s=round(outage, 1),
-                    first_run_exit=first_rc, reruns=reruns)
+                    first_run_exit=first_rc, reruns=reruns, running_during_restart=still_running)
     finally:
         srv.stop(kill=True)
 
