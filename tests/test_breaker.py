@@ -523,9 +523,12 @@ def test_flaky_sink_run_completes_exactly_once_with_breaker_cycles(tmp_path, ali
     by_kind = {k: [e for e in events if e.event == k] for k in ("dpipeline.breaker.opened", "dpipeline.breaker.closed")}
     assert by_kind["dpipeline.breaker.opened"] and by_kind["dpipeline.breaker.closed"]
     assert len(by_kind["dpipeline.breaker.opened"]) == summary["breaker_openings"]
-    ev = by_kind["dpipeline.breaker.opened"][0]
-    assert ev.resource["dpipeline.run_key"] == "flaky" and ev.resource["dpipeline.breaker"] == "sink"
-    assert ev.payload["failure_rate"] >= 0.35
+    # the server does not promise an order: the first opening (by failure rate) may come back
+    # after a re-opening by a failed half-open trial, whose payload has no failure_rate
+    assert all(e.resource["dpipeline.run_key"] == "flaky" and e.resource["dpipeline.breaker"] == "sink"
+               for e in by_kind["dpipeline.breaker.opened"])
+    by_rate = [e for e in by_kind["dpipeline.breaker.opened"] if "failure_rate" in e.payload]
+    assert by_rate and max(e.payload["failure_rate"] for e in by_rate) >= 0.35
     # the degraded-writers limit was removed with the run
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
