@@ -345,7 +345,17 @@ def dlq_replay(
         from .dead_letter import replay
 
         cfg = _dlq_config(pipeline)
-        rep = replay(cfg, run_key)
+        if cfg.lock.enabled:
+            # A replay writes to the run's sink and dead-letter store: it takes the same
+            # lock as a run of this pipeline and run key, so neither races the other.
+            from .locks import RunLock
+            from .pipeline import prefect_api
+
+            with prefect_api(), RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s,
+                                        lease_s=cfg.lock.lease_s, poll_s=cfg.lock.poll_s):
+                rep = replay(cfg, run_key)
+        else:
+            rep = replay(cfg, run_key)
     except Exception as e:  # noqa: BLE001
         _fail(e, verbose)
         return

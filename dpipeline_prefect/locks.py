@@ -143,6 +143,7 @@ class RunLock:
         from prefect.client.orchestration import get_client
 
         t0 = time.monotonic()
+        tries = 0
         with get_client(sync_client=True) as client:
             self._ensure_limit(client)
             while True:
@@ -159,7 +160,10 @@ class RunLock:
                     raise RunLockedError(self._locked_message(holder, waited),
                                          pipeline=self.pipeline, run_key=self.run_key,
                                          waited_s=round(waited, 1))
-                time.sleep(self.poll_s)
+                # A slot released a moment ago can still count as taken on the server for a
+                # short while: try again soon at first, then every poll_s.
+                time.sleep(min(self.poll_s, 0.05 * 2 ** tries))
+                tries += 1
             self.waited_s = round(time.monotonic() - t0, 3)
             self._lease_id = lease_id
             now = time.time()
@@ -249,16 +253,18 @@ class RunLock:
         from prefect.client.orchestration import get_client
 
         every = max(1.0, self.lease_s / 4)
-        with get_client(sync_client=True) as client:
-            while not self._stop.wait(every):
-                try:
+        # The client is made only when a renewal is due: a short run releases the lock before
+        # the first one, and release() then does not wait for a client to be set up and closed.
+        while not self._stop.wait(every):
+            try:
+                with get_client(sync_client=True) as client:
                     client.renew_concurrency_lease(lease_id=self._lease_id, lease_duration=self.lease_s)
                     self._record = {**self._record, "heartbeat": time.time()}
                     from prefect.client.schemas.actions import VariableUpdate
 
                     client.update_variable(VariableUpdate(name=self.variable, value=self._record))
-                except Exception as exc:  # noqa: BLE001 - a server blip; the next beat tries again
-                    log.warning("run lock %s: lease renewal failed (%s)", self.name, type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - a server blip; the next beat tries again
+                log.warning("run lock %s: lease renewal failed (%s)", self.name, type(exc).__name__)
 
     def _dead_reason(self, holder: dict | None) -> str | None:
         if not holder:
