@@ -21,6 +21,7 @@ in step 1, and counted in the checkpoint's cumulative ``rows_dead_letter`` (``de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -195,10 +196,9 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             with lims.slot(SINK):
                 return breaker_call(fn, *args)
     slots = SlotStats()
-    registry_scope = use_registry(registry)
-    registry_scope.__enter__()
-    limits_scope = use_limits(lims)  # limits.limited(name) in transforms finds the run's limits
-    limits_scope.__enter__()
+    scopes = contextlib.ExitStack()
+    scopes.enter_context(use_registry(registry))  # breaker.circuit(name) in transforms
+    scopes.enter_context(use_limits(lims))  # limits.limited(name) in transforms
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
@@ -278,8 +278,7 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         writer.flush()
         crashpoint("after_checkpoint")
     finally:
-        limits_scope.__exit__(None, None, None)
-        registry_scope.__exit__(None, None, None)
+        scopes.close()
         writer.close()
     store.prune(spec.id)
     res.rows_in, res.rows_out, res.batches = rows_in, rows_out, next_seq

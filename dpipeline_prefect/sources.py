@@ -166,17 +166,15 @@ def _compare(first: pa.Schema, first_path: str, other: pa.Schema, other_path: st
 def _infer_text_schema(storage: Storage, path: str, fmt: str) -> pa.Schema:
     with translate_errors(path), storage.fs.open(path, "rb", compression="infer") as f:
         head = f.read(1 << 20)
+    # Cut at the last full line so the sample never ends mid-row.
+    cut = head.rfind(b"\n")
+    sample = head[: cut + 1] if cut > 0 else head
     if fmt == "csv":
-        # Cut at the last full line so the sample never ends mid-row.
-        cut = head.rfind(b"\n")
-        sample = head[: cut + 1] if cut > 0 else head
         try:
             table = pacsv.read_csv(io.BytesIO(sample))
         except pa.ArrowInvalid as e:
             raise SourceError(f"{storage.unstrip(path)}: not readable as CSV ({e})", path=path) from None
     else:
-        cut = head.rfind(b"\n")
-        sample = head[: cut + 1] if cut > 0 else head
         try:
             table = pajson.read_json(io.BytesIO(sample))
         except pa.ArrowInvalid as e:
