@@ -1,4 +1,4 @@
-"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc, dlq ls / show / replay.
+"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc, dlq ls / show / replay, audit.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -253,8 +253,16 @@ def checkpoints_gc(
         from .config import load_config
         from .storage import Storage
 
+        from dataclasses import asdict
+
+        from .audit import audited
+        from .pipeline import prefect_api
+
         cfg = load_config(pipeline)
-        report = gc(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, keep)
+        with prefect_api(), audited("checkpoints-gc", cfg.name, None,
+                                    {"keep": keep, "checkpoint": cfg.checkpoint.path}) as rec:
+            report = gc(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, keep)
+            rec.details.update(asdict(report))
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return
@@ -342,20 +350,23 @@ def dlq_replay(
 ) -> None:
     """Run the queued rows through the current transforms into the sink, exactly once."""
     try:
+        from .audit import audited
         from .dead_letter import replay
+        from .pipeline import prefect_api
 
         cfg = _dlq_config(pipeline)
-        if cfg.lock.enabled:
-            # A replay writes to the run's sink and dead-letter store: it takes the same
-            # lock as a run of this pipeline and run key, so neither races the other.
-            from .locks import RunLock
-            from .pipeline import prefect_api
+        with prefect_api(), audited("dlq-replay", cfg.name, run_key, {"sink": cfg.sink.path}) as rec:
+            if cfg.lock.enabled:
+                # A replay writes to the run's sink and dead-letter store: it takes the same
+                # lock as a run of this pipeline and run key, so neither races the other.
+                from .locks import RunLock
 
-            with prefect_api(), RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s,
-                                        lease_s=cfg.lock.lease_s, poll_s=cfg.lock.poll_s):
+                with RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s,
+                             lease_s=cfg.lock.lease_s, poll_s=cfg.lock.poll_s):
+                    rep = replay(cfg, run_key)
+            else:
                 rep = replay(cfg, run_key)
-        else:
-            rep = replay(cfg, run_key)
+            rec.details.update({k: v for k, v in rep.to_dict().items() if k != "errors"})
     except Exception as e:  # noqa: BLE001
         _fail(e, verbose)
         return
@@ -372,6 +383,43 @@ def dlq_replay(
     out.print(t)
     if summary_json:
         summary_json.write_text(json.dumps(d, indent=2, default=str))
+
+
+@app.command("audit")
+def audit_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    since: str = typer.Option("7d", "--since", help="How far back: 7d, 12h, 30m, 2w or an ISO time."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per action."),
+) -> None:
+    """List who did what to this pipeline: restarts, checkpoint gc, replays, alert installs, backfills."""
+    try:
+        from .audit import parse_since, read_audit
+        from .config import load_config
+        from .pipeline import prefect_api
+
+        cfg = load_config(pipeline)
+        t0 = parse_since(since)
+        with prefect_api():
+            entries = read_audit(cfg.name, t0)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    if as_json:
+        for e in entries:
+            sys.stdout.write(json.dumps(e, default=str) + "\n")
+        return
+    t = Table(title=f"audit trail of {cfg.name} since {t0.strftime('%Y-%m-%d %H:%M')} UTC: {len(entries)} action(s)")
+    for c in ("when (UTC)", "action", "outcome", "run key", "who", "prefect", "details"):
+        t.add_column(c)
+    for e in entries:
+        w = e.get("who") or {}
+        d = e.get("details") or {}
+        t.add_row(str(e["at"])[:19].replace("T", " "), e["action"], str(e["outcome"]), str(e.get("run_key") or "-"),
+                  f"{w.get('user')}@{w.get('host')} (uid {w.get('uid')}, pid {w.get('pid')})",
+                  f"{w.get('prefect_api')} client {w.get('prefect_client_version')} server "
+                  f"{w.get('prefect_server_version')}" + (f" flow run {w['flow_run_id']}" if w.get("flow_run_id") else ""),
+                  ", ".join(f"{k}={v}" for k, v in d.items()))
+    out.print(t)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from prefect.futures import as_completed
 from prefect.runtime import task_run as prefect_task_run
 
 from . import degrade, limits, progress
+from .audit import audited
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
@@ -150,12 +151,18 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
             raise TerminalError(
                 f"--restart refused: sink {sink.storage.url} holds output of another pipeline "
                 f"({marker.get('pipeline')!r})", path=sink.storage.url)
-        store.delete_run()
-        removed = sink.clear()
-        if cfg.dead_letter is not None:  # its rows come back when the run redoes every batch
-            from .dead_letter import DeadLetterStore
+        # Audited (audit.py): who discarded this run key's checkpoints and output, and whether
+        # it worked; recorded as attempted before anything is deleted.
+        with audited("restart", cfg.name, run_key, {"sink": sink.storage.url,
+                                                    "checkpoint": cfg.checkpoint.path}) as rec:
+            store.delete_run()
+            removed = sink.clear()
+            rec.details["output_files_removed"] = removed
+            if cfg.dead_letter is not None:  # its rows come back when the run redoes every batch
+                from .dead_letter import DeadLetterStore
 
-            DeadLetterStore(cfg, run_key).clear()
+                DeadLetterStore(cfg, run_key).clear()
+                rec.details["dead_letters_cleared"] = True
         logger.info("restart: removed checkpoints of run key %r and %d output file(s)", run_key, removed)
 
     manifest = store.load_manifest()
