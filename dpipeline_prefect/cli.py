@@ -1,4 +1,4 @@
-"""The ``dpipeline`` command line: run, validate, checkpoints ls / gc, dlq ls / show / replay, audit.
+"""The ``dpipeline`` command line: run, backfill, validate, checkpoints ls / gc, dlq ls / show / replay, audit.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -150,6 +150,46 @@ def run(
     out.print(_summary_table(summary))
     if summary_json:
         summary_json.write_text(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str))
+
+
+@app.command()
+def backfill(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    start: str = typer.Option(..., "--from", help="First run key's date (YYYY-MM-DD or YYYY-MM-DDTHH:MM, UTC)."),
+    end: str = typer.Option(..., "--to", help="Last run key's date, inclusive."),
+    every: str = typer.Option("1D", "--every", help="Step between run keys: 1D, 6H, 30M, 1W..."),
+    deployment: Optional[str] = typer.Option(
+        None, "--deployment",
+        help="FLOW/DEPLOYMENT to create the runs through (run_deployment); default: run here."),
+    summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write the per-key results here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and full tracebacks."),
+) -> None:
+    """Run every run key in a date range once, skipping keys already complete."""
+    _quiet_prefect_console(verbose)
+    from .backfill import backfill as do_backfill
+
+    def show(item) -> None:
+        err.print(f"{item.run_key}: {item.status}" + (f" ({item.error})" if item.error else ""),
+                  highlight=False, markup=False)
+
+    try:
+        items = do_backfill(pipeline, start, end, every, deployment=deployment, on_item=show)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line
+        _fail(e, verbose)
+        return
+    failed = [i for i in items if i.failed]
+    t = Table(title=f"backfill of {pipeline}: {len(items)} run key(s), "
+                    f"{sum(i.action == 'skipped' for i in items)} skipped, {len(failed)} failed")
+    for c in ("run_key", "action", "status", "rows_out", "duration_s", "flow_run", "error"):
+        t.add_column(c)
+    for i in items:
+        t.add_row(i.run_key, i.action, i.status, "" if i.rows_out is None else f"{i.rows_out:,}",
+                  "" if i.duration_s is None else f"{i.duration_s:.1f}", i.flow_run or "", i.error or "")
+    out.print(t)
+    if summary_json:
+        summary_json.write_text(json.dumps([i.to_dict() for i in items], indent=2, default=str))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
