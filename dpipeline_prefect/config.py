@@ -36,6 +36,7 @@ __all__ = [
     "BreakerConfig",
     "LimitConfig",
     "TransformConfig",
+    "MonitoringConfig",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -392,6 +393,33 @@ class TransformConfig(_Model):
         return self.function
 
 
+class MonitoringConfig(_Model):
+    """What a run reports about itself besides its summary (see ``metrics.py``, ``events.py``).
+
+    None of these change the output, so they are not part of the checkpoint fingerprints.
+    """
+
+    metrics: bool = Field(
+        True,
+        description="Collect per-batch metrics (rows, bytes, latency, worker RSS/CPU), keep them beside "
+        "the run's checkpoints (for `dpipeline report`) and show them as Prefect artifacts.",
+    )
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Serve the run's metrics for all workers at http://<flow host>:<port>/metrics while "
+        "it runs (0: any free port, logged).",
+    )
+    prometheus_addr: str = Field("127.0.0.1", description="Address the /metrics server listens on.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: dpipeline log lines on the console as one JSON object per line."
+    )
+    dead_letter_alert_rows: int | None = Field(
+        None, ge=1,
+        description="When the run's dead-lettered rows reach this many, emit one "
+        "dpipeline.rows.dead_letter_threshold event (for an alert).",
+    )
+
+
 class RunnerConfig(_Model):
     """Where shards execute."""
 
@@ -425,6 +453,10 @@ class PipelineConfig(_Model):
         default_factory=dict,
         description="Concurrency / rate limits: 'sink' for sink writes, any other name for "
         "calls wrapped with limits.limited(name).",
+    )
+    monitoring: MonitoringConfig = Field(
+        default_factory=MonitoringConfig,
+        description="Metrics, Prometheus endpoint, log format, dead-letter alert threshold.",
     )
 
     @field_validator("name")

@@ -7,7 +7,8 @@
   is read at most once per ``breaker.sync_s`` per process, never per row).
 * **Events.** A transition made in this process is logged and emitted as a Prefect event,
   ``dpipeline.breaker.opened`` / ``dpipeline.breaker.closed`` on resource
-  ``dpipeline.pipeline.<name>``, with the run key, the resource and the window's figures.
+  ``dpipeline.pipeline.<name>``, with the run key, the resource and the window's figures,
+  and the run's flow run as related resource (``events.emit``).
   Transitions adopted from another process are logged only, so one opening is one event.
   Nothing in them comes from storage options: no secrets.
 * **Fewer shards at once.** While a breaker is open or half-open, a shard takes a slot of the
@@ -38,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import events
 from .breaker import BreakerOpenError, BreakerPolicy, BreakerRegistry, CircuitBreaker, State, StorageSharedState
 from .config import PipelineConfig
 from .prefect_limits import ensure_limit
@@ -60,8 +62,8 @@ __all__ = [
 log = logging.getLogger("dpipeline_prefect.degrade")
 
 SINK = "sink"
-EVENT_OPENED = "dpipeline.breaker.opened"
-EVENT_CLOSED = "dpipeline.breaker.closed"
+EVENT_OPENED = events.BREAKER_OPENED
+EVENT_CLOSED = events.BREAKER_CLOSED
 RESTORED_LIMIT = 1_000_000  # "no limit" while closed; holders still release into it correctly
 _LEASE_S = 60.0  # the server's minimum: a killed holder's slot is freed after this
 
@@ -97,23 +99,12 @@ class _PrefectListener:
 
 
 def _emit(pipeline: str, run_key: str, resource: str, new: State, info: dict[str, Any]) -> None:
-    try:
-        from prefect.events import emit_event
-
-        payload = {k: v for k, v in info.items() if k != "remote"}
-        emit_event(
-            event=EVENT_OPENED if new is State.OPEN else EVENT_CLOSED,
-            resource={
-                "prefect.resource.id": f"dpipeline.pipeline.{pipeline}",
-                "prefect.resource.name": pipeline,
-                "dpipeline.run_key": run_key,
-                "dpipeline.breaker": resource,
-            },
-            payload={"resource": resource, "run_key": run_key, "state": new.value,
-                     "host": os.uname().nodename, "pid": os.getpid(), **payload},
-        )
-    except Exception as exc:  # noqa: BLE001 - an event that cannot be sent must not fail a write
-        log.warning("breaker %s: could not emit a Prefect event (%s: %s)", resource, type(exc).__name__, exc)
+    """The breaker event, through :func:`events.emit` (so it carries the related flow run)."""
+    payload = {k: v for k, v in info.items() if k != "remote"}
+    events.emit(EVENT_OPENED if new is State.OPEN else EVENT_CLOSED, pipeline, run_key,
+                {"resource": resource, "run_key": run_key, "state": new.value,
+                 "host": os.uname().nodename, "pid": os.getpid(), **payload},
+                labels={"dpipeline.breaker": resource})
 
 
 def _set_limit(name: str, limit: int) -> None:

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
 from .faults import crashpoint
 from .locks import RunLock
+from .monitor import RunMonitor
 from .retry import RetryPolicy, prefect_task_options, retry_condition
 from .errors import ConfigError, DPipelineError, PipelineChangedError, TerminalError
 from .sharding import Sharder
@@ -109,21 +110,29 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     :class:`~dpipeline_prefect.errors.RunLockedError` (see ``locks.py``).
     """
     validate_run_key(run_key)
-    _check_storage_fits_runner(cfg)
-    if not cfg.lock.enabled:
-        return {**_execute(cfg, run_key, restart), "lock_waited_s": None}
-    lock = RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s, lease_s=cfg.lock.lease_s,
-                   poll_s=cfg.lock.poll_s, flow_run_id=_flow_run_id())
-    with lock:
-        if lock.waited_s or lock.freed:
-            get_run_logger().info("run lock %s taken after %.1f s%s", lock.name, lock.waited_s,
-                                  "".join(f"; {f}" for f in lock.freed))
-        summary = _execute(cfg, run_key, restart)
-    summary["lock_waited_s"] = lock.waited_s
+    t0 = time.perf_counter()
+    mon = RunMonitor(cfg, run_key, _flow_run_id())
+    try:
+        _check_storage_fits_runner(cfg)
+        if not cfg.lock.enabled:
+            summary = {**_execute(cfg, run_key, restart, mon), "lock_waited_s": None}
+        else:
+            lock = RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s, lease_s=cfg.lock.lease_s,
+                           poll_s=cfg.lock.poll_s, flow_run_id=_flow_run_id())
+            with lock:
+                if lock.waited_s or lock.freed:
+                    get_run_logger().info("run lock %s taken after %.1f s%s", lock.name, lock.waited_s,
+                                          "".join(f"; {f}" for f in lock.freed))
+                summary = _execute(cfg, run_key, restart, mon)
+            summary["lock_waited_s"] = lock.waited_s
+    except BaseException as e:
+        mon.failed(e, time.perf_counter() - t0)  # dpipeline.run.failed
+        raise
+    mon.completed(summary)  # dpipeline.run.completed (+ dpipeline.degraded)
     return summary
 
 
-def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
+def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
     started = time.time()  # breaker transitions from this moment on are this run's (degrade.py)
@@ -178,6 +187,9 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         if manifest.get("status") == "completed":
             logger.info("run key %r of %s already completed: nothing to do", run_key, cfg.name)
             done = dict(manifest.get("summary") or {})
+            mon.started(shards_total=done.get("shards_total", 0), shards_done=done.get("shards_total", 0),
+                        rows_total=done.get("rows_in", 0), rows_done=done.get("rows_in", 0),
+                        restart=restart)
             done.update(status="already_complete", shards_skipped=done.get("shards_total", 0),
                         duration_s=time.perf_counter() - t0, rows_per_s=0.0, bytes_read=0,
                         batches_reprocessed=0, retries=0, flow_run_id=flow_run_id,
@@ -235,6 +247,11 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
     _emit("start", {"shards_total": len(shards), "shards_done": len(results),
                     "rows_total": sum(s.rows or 0 for s in shards),
                     "rows_done": sum(r.rows_in for r in results)})
+    mon.started(shards_total=len(shards), shards_done=len(results),
+                rows_total=sum(s.rows or 0 for s in shards), rows_done=sum(r.rows_in for r in results),
+                restart=restart)
+    for r in results:
+        mon.dead_rows(r.shard, r.rows_dead_letter)
     if results:
         logger.info("%d of %d shard(s) already complete: skipped", len(results), len(shards))
 
@@ -253,9 +270,11 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]
         except BaseException as e:  # noqa: BLE001 - collected, the first one is raised below
             errors.append((spec.label, e))
             _emit("shard_failed", {"shard": spec.label, "error": str(e)})
+            mon.shard_failed(spec.id, spec.label, e)
             continue
         results.append(r)
         _emit("shard_done", asdict(r))
+        mon.shard_completed(r)
         del fut  # release the Dask future: a dead worker must not recompute finished shards
     unsubscribe()
     if errors:
