@@ -133,6 +133,36 @@ def validate_run_key(run_key: str) -> str:
     return run_key
 
 
+_BLOCK_FIELD_DESCRIPTION = (
+    "Name of a dpipeline-storage Prefect block holding the endpoint and credentials (instead of "
+    "inline storage_options); a relative path is joined to the block's base_url."
+)
+
+
+def _block_into_options(data: Any, section: str) -> Any:
+    """``block: NAME`` of a storage section, also recorded as ``storage_options['block']``.
+
+    The storage layer resolves the block where it opens the filesystem (``blocks.py``), so
+    only the name travels in flow-run parameters.
+    """
+    if not isinstance(data, dict) or data.get("block") is None:
+        return data
+    name = data["block"]
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,99}", name):
+        raise ValueError(
+            f"{section}.block {name!r} is not a block name; use lowercase letters, digits and '-'"
+        )
+    options = data.get("storage_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    if options.get("block", name) != name:
+        raise ValueError(
+            f"{section}.block {name!r} and {section}.storage_options.block "
+            f"{options['block']!r} differ; give the block once"
+        )
+    options["block"] = name
+    return {**data, "storage_options": options}
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -143,6 +173,12 @@ class SourceConfig(_Model):
     format: Literal["parquet", "csv", "jsonl"] = "parquet"
     path: str = Field(description="A file, folder or glob; any fsspec URL or a local path.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block(cls, data: Any) -> Any:
+        return _block_into_options(data, "source")
 
 
 class ShardingConfig(_Model):
@@ -229,6 +265,12 @@ class SinkConfig(_Model):
     path: str
     partition_by: list[str] = Field(default_factory=list)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block(cls, data: Any) -> Any:
+        return _block_into_options(data, "sink")
 
     def resolved_path(self, run_key: str) -> str:
         return self.path.replace("{run_key}", run_key)
@@ -239,11 +281,17 @@ class CheckpointConfig(_Model):
 
     path: str = "./.dpipeline/checkpoints/"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
     per_batch: bool = Field(
         True,
         description="Save progress after every batch (a crashed shard resumes after its last batch). "
         "False saves only when a shard finishes: a crashed shard is redone from its start.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block(cls, data: Any) -> Any:
+        return _block_into_options(data, "checkpoint")
 
 
 class DeadLetterConfig(_Model):
@@ -264,6 +312,7 @@ class DeadLetterConfig(_Model):
     storage_options: dict[str, Any] | None = Field(
         None, description="Default: checkpoint.storage_options when path is unset, else {}."
     )
+    block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
     max_fraction: float = Field(
         0.01,
         ge=0.0,
@@ -271,6 +320,11 @@ class DeadLetterConfig(_Model):
         description="A shard whose rejected rows pass this fraction of its rows fails instead of "
         "draining into the queue.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block(cls, data: Any) -> Any:
+        return _block_into_options(data, "dead_letter")
 
 
 class RetryConfig(_Model):

@@ -3,7 +3,8 @@
 What this adds on top of fsspec, and why:
 
 * ``${VAR}`` references in storage_options are resolved here, at the moment a filesystem is
-  opened, so credentials never sit in flow parameters or fingerprints.
+  opened, so credentials never sit in flow parameters or fingerprints. So is ``block: NAME``
+  (a ``dpipeline-storage`` Prefect block, see ``blocks.py``): only the name travels.
 * :func:`atomic_write` - readers never see half an object. On object stores a PUT is atomic;
   on local disk we write a temporary sibling and ``os.replace`` it.
 * :func:`translate_errors` - botocore / s3fs / OS errors become our errors with the path named
@@ -56,6 +57,10 @@ class Storage:
         self._options = dict(storage_options or {})
         with translate_errors(url):
             options = expand_env(self._options, "storage_options")
+            if "block" in options:  # ``block: NAME``: endpoint and credentials from a Prefect block
+                from .blocks import resolve_storage
+
+                url, options = resolve_storage(url, options)
             self.fs, root = url_to_fs(url, **options)
         self.root = root.rstrip("/") if root not in ("/",) else root
         protocol = self.fs.protocol
