@@ -1,4 +1,5 @@
-"""The ``dpipeline`` command line: run, backfill, validate, checkpoints ls / gc, dlq ls / show / replay, audit.
+"""The ``dpipeline`` command line: run, backfill, validate, checkpoints ls / gc, dlq ls / show / replay, audit,
+alerts install / ls / remove.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -23,6 +24,8 @@ ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and clean up checkpoi
 app.add_typer(ckpt_app, name="checkpoints")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay the dead-letter queue.")
 app.add_typer(dlq_app, name="dlq")
+alerts_app = typer.Typer(no_args_is_help=True, help="Prefect automations that notify a webhook.")
+app.add_typer(alerts_app, name="alerts")
 # Piped output (logs, CI, tests) is not wrapped at 80 columns: a long path stays one line.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -460,6 +463,91 @@ def audit_cmd(
                   f"{w.get('prefect_server_version')}" + (f" flow run {w['flow_run_id']}" if w.get("flow_run_id") else ""),
                   ", ".join(f"{k}={v}" for k, v in d.items()))
     out.print(t)
+
+
+def _server_api_url() -> str:
+    """The configured Prefect server: alerts live in its automations services, so an
+    embedded throw-away server would be useless here."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from .errors import ConfigError
+
+        raise ConfigError("alerts need a running Prefect server (its triggers and actions "
+                          "services send them): set PREFECT_API_URL", field="PREFECT_API_URL")
+    return url
+
+
+@alerts_app.command("install")
+def alerts_install(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    webhook: str = typer.Option(..., "--webhook", envvar="DPIPELINE_ALERT_WEBHOOK", show_envvar=True,
+                                help="URL notifications are POSTed to (kept as a block secret, never printed)."),
+    no_data_within: Optional[str] = typer.Option(
+        None, "--no-data-within",
+        help="Also alert when no run completes within this interval (e.g. 1d, 12h, 30m)."),
+) -> None:
+    """Create or update the pipeline's alert automations (re-running updates, never duplicates)."""
+    try:
+        from .alerts import install
+        from .config import load_config
+
+        from .audit import audited
+
+        cfg = load_config(pipeline)
+        url = _server_api_url()
+        # the audit event names the pipeline and what changed, never the webhook URL
+        with audited("alerts-install", cfg.name, None, {"no_data_within": no_data_within}) as a:
+            res = install(cfg.name, webhook, no_data_within)
+            a.details["automations"] = res.automations
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    t = Table(title=f"alerts of {cfg.name} on {url}")
+    t.add_column("automation")
+    t.add_column("done")
+    for name, what in res.automations.items():
+        t.add_row(name, what)
+    out.print(t)
+    out.print(f"notifications go through block {res.block} (webhook URL stored as a secret)")
+
+
+@alerts_app.command("ls")
+def alerts_ls(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.")) -> None:
+    """List the pipeline's alert automations and their triggers."""
+    try:
+        from .alerts import list_alerts
+        from .config import load_config
+
+        cfg = load_config(pipeline)
+        _server_api_url()
+        rows = list_alerts(cfg.name)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    t = Table(title=f"alerts of {cfg.name}: {len(rows)}")
+    for c in ("automation", "enabled", "trigger"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], "yes" if r["enabled"] else "no", r["trigger"])
+    out.print(t)
+
+
+@alerts_app.command("remove")
+def alerts_remove(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.")) -> None:
+    """Delete the pipeline's alert automations and its webhook block."""
+    try:
+        from .alerts import remove
+        from .config import load_config
+
+        cfg = load_config(pipeline)
+        _server_api_url()
+        gone = remove(cfg.name)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    out.print(f"removed {len(gone)}: " + (", ".join(gone) if gone else "nothing was installed"))
 
 
 def main() -> None:

@@ -53,10 +53,10 @@ class Pipeline:
 
             with EarlyCluster(runner.workers, runner.threads_per_worker) as cluster:
                 flow = _flow_for(self.config, cluster)
-                with prefect_api():
+                with prefect_api(), _run_tags(self.config):
                     return flow(pipeline=self.config, run_key=run_key, restart=restart)
         flow = _flow_for(self.config)
-        with prefect_api():
+        with prefect_api(), _run_tags(self.config):
             return flow(pipeline=self.config, run_key=run_key, restart=restart)
 
 
@@ -67,7 +67,19 @@ def run_pipeline(pipeline: Pipeline | PipelineConfig | str, run_key: str = "defa
     if isinstance(pipeline, PipelineConfig):
         pipeline = Pipeline(pipeline)
     _make_importable(pipeline.base_dir)
-    return _flow_for(pipeline.config)(pipeline=pipeline.config, run_key=run_key, restart=restart)
+    with _run_tags(pipeline.config):
+        return _flow_for(pipeline.config)(pipeline=pipeline.config, run_key=run_key, restart=restart)
+
+
+def _run_tags(cfg: PipelineConfig):
+    """Tag the flow run ``dpipeline:<pipeline>`` when it is created: ``alerts.py`` matches
+    Prefect's own flow-run state events (Failed, Crashed) by that tag. It must be there from
+    the start: the server caches a run's related resources (tags included) for its events."""
+    from prefect import tags
+
+    from .alerts import pipeline_tag
+
+    return tags(pipeline_tag(cfg.name))
 
 
 def _flow_for(cfg: PipelineConfig, cluster=None):
