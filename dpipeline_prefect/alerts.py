@@ -23,6 +23,7 @@
                             (only with ``--no-data-within``)
   ========================  ==========================================================
 
+Each install is audited (``dpipeline.audit.alerts-install`` events, see ``audit.py``).
 Re-running ``install`` finds the block and the automations by name and updates them, so
 nothing is duplicated; an automation no longer wanted (``no-completed-run`` without
 ``--no-data-within``) is deleted. ``remove`` deletes them all and the block. The triggers and
@@ -153,9 +154,9 @@ def build_automations(pipeline: str, block_document_id: Any,
             ),
             actions=notify(
                 f"dpipeline {pipeline}: dead-lettered rows past the threshold",
-                f"Pipeline {pipeline}: {{{{ event.payload.rows_dead_letter }}}} row(s) "
-                "dead-lettered (threshold {{ event.payload.threshold }}) in run key "
-                "{{ event.payload.run_key }}",
+                f"Pipeline {pipeline}: {{{{ event.payload.rows }}}} row(s) dead-lettered "
+                "(threshold {{ event.payload.threshold }}) in run key "
+                "{{ event.resource['dpipeline.run_key'] }}; queue: {{ event.payload.where }}",
             ),
         ),
     ]
@@ -217,11 +218,22 @@ def install(pipeline: str, webhook_url: str, no_data_within: timedelta | str | N
         no_data_within: add the proactive "no completed run within" alert (``"1d"`` or a
             timedelta); ``None`` removes it if an earlier install made it.
     """
-    from prefect import get_client
+    from .audit import audited
 
     _check_url(webhook_url)
     if isinstance(no_data_within, str):
         no_data_within = parse_interval(no_data_within)
+    # audited (audit.py): the events name the pipeline and what changed, never the URL
+    with audited("alerts-install", pipeline, None,
+                 {"no_data_within": str(no_data_within) if no_data_within else None}) as a:
+        res = _install(pipeline, webhook_url, no_data_within)
+        a.details["automations"] = res.automations
+    return res
+
+
+def _install(pipeline: str, webhook_url: str, no_data_within: timedelta | None) -> AlertInstall:
+    from prefect import get_client
+
     try:
         block_id = _save_block(pipeline, webhook_url)
         wanted = build_automations(pipeline, block_id, no_data_within)

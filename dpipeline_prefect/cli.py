@@ -493,14 +493,9 @@ def alerts_install(
         from .alerts import install
         from .config import load_config
 
-        from .audit import audited
-
         cfg = load_config(pipeline)
         url = _server_api_url()
-        # the audit event names the pipeline and what changed, never the webhook URL
-        with audited("alerts-install", cfg.name, None, {"no_data_within": no_data_within}) as a:
-            res = install(cfg.name, webhook, no_data_within)
-            a.details["automations"] = res.automations
+        res = install(cfg.name, webhook, no_data_within)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return

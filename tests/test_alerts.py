@@ -275,6 +275,35 @@ def test_failed_run_notifies_the_webhook_within_a_minute(tmp_path, small_input, 
         remove(cfg["name"])
 
 
+def poison_some(df):
+    """clean(), but a row whose row_id ends in 007 makes the batch fail (a bad record)."""
+    from dpipeline_prefect.examples.flights import clean
+
+    bad = df["row_id"] % 1000 == 7
+    if bad.any():
+        raise ValueError(f"bad record {int(df.loc[bad, 'row_id'].iloc[0])}")
+    return clean(df)
+
+
+def test_dead_letter_threshold_notifies_the_webhook(tmp_path, small_input, receiver, prefect_server):
+    from dpipeline_prefect.alerts import install, remove
+    from dpipeline_prefect.pipeline import Pipeline
+
+    src, _ = small_input
+    cfg = _cfg(tmp_path, src, transforms=["tests.test_alerts:poison_some"],
+               dead_letter={"path": str(tmp_path / "dlq")},
+               monitoring={"dead_letter_alert_rows": 3})
+    install(cfg["name"], receiver.url)
+    try:
+        summary = Pipeline(cfg).run(run_key="dl")
+        assert summary["status"] == "completed" and summary["rows_dead_letter"] == 8
+        msg = receiver.wait_for(lambda m: "dead-lettered rows" in m.get("subject", ""))
+        assert msg is not None, f"no dead-letter notification within {NOTIFY_WITHIN_S:.0f} s; got {receiver.got}"
+        assert "(threshold 3) in run key dl" in msg["body"], msg
+    finally:
+        remove(cfg["name"])
+
+
 def test_no_completed_run_within_the_interval_notifies(tmp_path, small_input, receiver, prefect_server):
     from dpipeline_prefect.alerts import install, remove
 
