@@ -1,0 +1,204 @@
+"""End to end, the way a user deploys: a Prefect server on PostgreSQL, a process work pool,
+``prefect deploy --all`` with the project's prefect.yaml, a worker started with
+``prefect worker start``, a run triggered as the UI does (``prefect deployment run``) and
+waited for until Completed, its output checked row for row; then a deployment made with
+deployments/deploy.py on a short interval schedule, whose first scheduled run completes with
+a run key derived from its scheduled time.
+
+One server, one worker, tiny data; both checks share them (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dpipeline_prefect.devservices import PrefectServer
+
+from .pipeline_helpers import assert_exactly_once, flights, reference, write_parquet_files, write_yaml
+
+pytestmark = [pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+POOL = "dpipeline-process"
+
+
+def _pg(sql: str) -> None:
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(database="postgres", timeout=10, **PG)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory):
+    """A Prefect server on a fresh PostgreSQL database (dropped afterwards)."""
+    try:
+        import asyncpg  # noqa: F401
+
+        db = f"dpipeline_e2e_{uuid.uuid4().hex[:10]}"
+        _pg(f'CREATE DATABASE "{db}"')
+    except (OSError, ImportError) as e:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not available: {e}")
+    srv = PrefectServer(
+        tmp_path_factory.mktemp("pg-prefect"),
+        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{db}",
+        ui=False,
+        # the scheduler looks for due schedules every 2 s instead of every 60 s
+        extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"},
+        startup_timeout=180,
+    )
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        _pg(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def _env(srv: PrefectServer) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_API_URL": srv.api_url, "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_CLI_PROMPT": "false"}
+    # the flow runs import the library from here, as the coordinator's venv or this checkout has it
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def _prefect(srv: PrefectServer, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "prefect")
+    r = subprocess.run([exe, *args], cwd=cwd, env=_env(srv), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def project(pg_server, tmp_path_factory):
+    """A copy of the project deployed with `prefect deploy --all`, and a worker running it."""
+    proj = tmp_path_factory.mktemp("project")
+    for name in ("flows", "deployments"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", proj / "prefect.yaml")
+    _prefect(pg_server, "work-pool", "create", POOL, "--type", "process", cwd=proj)
+    r = _prefect(pg_server, "--no-prompt", "deploy", "--all", cwd=proj)
+    assert "flights-clean-daily" in r.stdout
+    log = open(proj / "worker.log", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL,
+         "--name", "e2e-worker"],
+        cwd=proj, env=_env(pg_server), stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        yield proj
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGINT)
+            worker.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # flow-run processes the worker started
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _client(srv: PrefectServer):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api=srv.api_url)
+
+
+def _tiny_pipeline(tmp: Path, name: str, rows: int, runner: dict) -> tuple[Path, Path]:
+    df = flights(rows)
+    write_parquet_files(df, tmp / "src", files=2, row_group_size=300)
+    cfg = {"name": name, "source": {"path": str(tmp / "src")},
+           "transforms": ["dpipeline_prefect.examples.flights:clean"],
+           "sharding": {"strategy": "files"}, "batching": {"rows": 400},
+           "sink": {"path": str(tmp / "out" / "{run_key}")},
+           "checkpoint": {"path": str(tmp / "ckpt")}, "runner": runner}
+    return write_yaml(tmp / f"{name}.yaml", cfg), tmp / "out"
+
+
+def test_prefect_deploy_all_and_a_run_triggered_like_the_ui(pg_server, project, tmp_path):
+    with _client(pg_server) as client:
+        dep = client.read_deployment_by_name("run-pipeline/flights-clean-daily")
+        schema = dep.parameter_openapi_schema["properties"]
+    # what prefect.yaml asked for: a cron schedule, one run at a time, the process pool, a form
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"] and dep.schedules[0].active
+    assert dep.global_concurrency_limit.limit == 1 and dep.work_pool_name == POOL
+    assert dep.concurrency_options.collision_strategy == "ENQUEUE"
+    assert dep.parameters["pipeline_path"] == "examples/flights/pipeline.yaml"
+    for p in ("pipeline_path", "pipeline_block", "run_key", "run_key_format", "restart"):
+        assert schema[p].get("description"), p
+    assert schema["restart"]["type"] == "boolean"
+
+    path, out = _tiny_pipeline(tmp_path, "e2e-manual", 1500, {"kind": "threads", "workers": 2})
+    r = _prefect(pg_server, "deployment", "run", "run-pipeline/flights-clean-daily",
+                 "--param", f'pipeline_path="{path}"', "--param", 'run_key="manual-1"',
+                 "--watch", "--watch-interval", "1", "--watch-timeout", "300", cwd=project)
+    run_id = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", r.stdout)
+    assert run_id, r.stdout
+    with _client(pg_server) as client:
+        run = client.read_flow_run(run_id.group(1) or run_id.group(2))
+    assert run.state.is_completed(), (run.state, (project / "worker.log").read_text()[-3000:])
+    assert run.deployment_id == dep.id and run.work_pool_name == POOL
+    assert_exactly_once(str(out / "manual-1"), reference(flights(1500)))
+
+
+def test_interval_schedule_produces_a_scheduled_run_that_completes(pg_server, project, tmp_path):
+    from prefect.client.schemas.filters import (
+        DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    path, out = _tiny_pipeline(tmp_path, "e2e-interval", 1200, {"kind": "threads", "workers": 2})
+    fmt = "%Y%m%dT%H%M%S"
+    r = subprocess.run(
+        [sys.executable, "deployments/deploy.py", "pipeline", "e2e-interval", "--path", str(path),
+         "--interval", "5", "--run-key-format", fmt],
+        cwd=project, env=_env(pg_server), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.time() + 240
+    done = None
+    with _client(pg_server) as client:
+        dep = client.read_deployment_by_name("run-pipeline/e2e-interval")
+        assert dep.global_concurrency_limit.limit == 1
+        assert dep.schedules[0].schedule.interval.total_seconds() == 5
+        dep_filter = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        while time.time() < deadline and done is None:
+            runs = client.read_flow_runs(deployment_filter=dep_filter)
+            failed = [f for f in runs if f.state and f.state.is_final() and not f.state.is_completed()]
+            assert not failed, (failed[0].state, (project / "worker.log").read_text()[-3000:])
+            done = next((f for f in runs if f.auto_scheduled and f.state and f.state.is_completed()), None)
+            time.sleep(1)
+        # stop the schedule and drop the runs it queued, so nothing runs while the fixtures stop
+        client.pause_deployment(dep.id)
+        for f in client.read_flow_runs(
+                deployment_filter=dep_filter,
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))):
+            client.delete_flow_run(f.id)
+    assert done is not None, (project / "worker.log").read_text()[-3000:]
+    key = done.expected_start_time.strftime(fmt)
+    assert done.parameters.get("run_key") is None  # the key came from the scheduled time
+    assert_exactly_once(str(out / key), reference(flights(1200)))
