@@ -202,3 +202,27 @@ def test_interval_schedule_produces_a_scheduled_run_that_completes(pg_server, pr
     key = done.expected_start_time.strftime(fmt)
     assert done.parameters.get("run_key") is None  # the key came from the scheduled time
     assert_exactly_once(str(out / key), reference(flights(1200)))
+
+
+def test_a_user_flow_runs_a_pipeline_deployment_with_run_deployment(pg_server, project, tmp_path):
+    """flows/run_deployment_flow.py, deployed by prefect.yaml: its run triggers the pipeline
+    deployment, waits for it, and the pipeline's run is linked to it as its child."""
+    path, out = _tiny_pipeline(tmp_path, "e2e-via", 900, {"kind": "threads", "workers": 2})
+    r = _prefect(pg_server, "deployment", "run", "pipeline-via-deployment/flights-clean-via-deployment",
+                 "--param", f'pipeline_path="{path}"', "--param", 'run_key="via-1"',
+                 "--watch", "--watch-interval", "1", "--watch-timeout", "300", cwd=project)
+    run_id = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", r.stdout)
+    assert run_id, r.stdout
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    parent_id = run_id.group(1) or run_id.group(2)
+    with _client(pg_server) as client:
+        parent = client.read_flow_run(parent_id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        pipeline_dep = client.read_deployment_by_name("run-pipeline/flights-clean-daily")
+    assert parent.state.is_completed(), (parent.state, (project / "worker.log").read_text()[-3000:])
+    deployed = [c for c in children if c.deployment_id == pipeline_dep.id]
+    assert len(deployed) == 1 and deployed[0].state.is_completed()
+    assert deployed[0].parameters["run_key"] == "via-1"
+    assert_exactly_once(str(out / "via-1"), reference(flights(900)))
