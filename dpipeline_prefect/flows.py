@@ -91,6 +91,15 @@ def _check_storage_fits_runner(cfg: PipelineConfig) -> None:
             )
 
 
+def _check_existing_cluster() -> None:
+    """With ``runner.address``, check the cluster's workers now, before anything is planned
+    or written (``runner.check_workers``); the runner would otherwise check at the first
+    submit. A cluster the run started itself is not checked (its runner says so)."""
+    runner = _task_runner()
+    if getattr(runner, "address", None) and getattr(runner, "check_workers", False) is True:
+        runner.client  # noqa: B018 - connecting checks the workers (FastDaskTaskRunner.client)
+
+
 def _changed(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -114,6 +123,7 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     mon = RunMonitor(cfg, run_key, _flow_run_id())
     try:
         _check_storage_fits_runner(cfg)
+        _check_existing_cluster()
         if not cfg.lock.enabled:
             summary = {**_execute(cfg, run_key, restart, mon), "lock_waited_s": None}
         else:
