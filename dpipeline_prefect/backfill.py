@@ -2,12 +2,14 @@
 
     dpipeline backfill pipeline.yaml --from 2026-11-01 --to 2026-11-30 --every 1D
     dpipeline backfill pipeline.yaml --from 2026-11-01 --to 2026-11-30 --every 1D \\
-        --deployment run-pipeline-file/daily-flights
+        --deployment run-pipeline/flights-clean-daily
 
 Run keys are formatted the way a scheduled run of ``flows/pipeline_flow.py`` derives its own
-from its scheduled time (``YYYY-MM-DD``), so a backfilled day and the day's scheduled run
-share checkpoints and output: whichever comes second resumes or does nothing. Intervals
-shorter than a day, or range ends that are not midnight, give ``YYYY-MM-DDTHH:MM`` keys.
+from its scheduled time (``run_key_format``, default ``YYYY-MM-DD``; a deployment's own
+``run_key_format`` parameter is used when it has one), so a backfilled day and the day's
+scheduled run share checkpoints and output: whichever comes second resumes or does nothing.
+Without a format, intervals shorter than a day, or range starts that are not midnight, give
+``YYYY-MM-DDTHH:MM`` keys.
 
 Which keys are complete is read from the checkpoint store (``checkpoint.list_runs``): a key
 whose manifest says ``completed`` is skipped; any other key (never started, interrupted,
@@ -93,12 +95,17 @@ def _daily(start: datetime, step: timedelta) -> bool:
     return step % timedelta(days=1) == timedelta(0) and start.time() == datetime.min.time()
 
 
-def run_keys(start: datetime, end: datetime, every: timedelta) -> list[str]:
+def run_keys(start: datetime, end: datetime, every: timedelta, fmt: str | None = None) -> list[str]:
     """The run keys from ``start`` to ``end`` inclusive, one per ``every``.
 
-    Whole-day steps from midnight give ``YYYY-MM-DD`` (the key a daily scheduled run of
-    ``run-pipeline-file`` uses); anything finer gives ``YYYY-MM-DDTHH:MM`` (``:SS`` added
-    when the step has seconds).
+    ``fmt`` is a strftime format (a deployment's ``run_key_format``). Without it, whole-day
+    steps from midnight give ``YYYY-MM-DD`` (the key a daily scheduled run of
+    ``flows/pipeline_flow.py`` derives by default); anything finer gives ``YYYY-MM-DDTHH:MM``
+    (``:SS`` added when the step has seconds).
+
+    Raises:
+        ConfigError: an empty range, too many keys, or a format that gives two points of the
+            range the same key or an invalid key.
     """
     if end < start:
         raise ConfigError(f"--to {end.isoformat()} is before --from {start.isoformat()}", field="to")
@@ -108,13 +115,24 @@ def run_keys(start: datetime, end: datetime, every: timedelta) -> list[str]:
     if n > MAX_KEYS:
         raise ConfigError(f"--from/--to/--every give {n:,} run keys (more than {MAX_KEYS:,}): "
                           "check the interval", field="every")
-    if _daily(start, every):
+    if fmt:
+        pass
+    elif _daily(start, every):
         fmt = "%Y-%m-%d"
     elif every % timedelta(minutes=1) == timedelta(0) and start.second == 0:
         fmt = "%Y-%m-%dT%H:%M"
     else:
         fmt = "%Y-%m-%dT%H:%M:%S"
-    return [(start + i * every).strftime(fmt) for i in range(n)]
+    keys = [(start + i * every).strftime(fmt) for i in range(n)]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"run key format {fmt!r} gives several points of the range the same "
+                          f"key (e.g. {keys[0]!r}): use a finer format or a longer --every",
+                          field="run_key_format")
+    from .config import validate_run_key
+
+    for k in keys:
+        validate_run_key(k)
+    return keys
 
 
 def completed_keys(cfg) -> set[str]:
@@ -133,6 +151,7 @@ def backfill(
     every: timedelta | str,
     *,
     deployment: str | None = None,
+    run_key_format: str | None = None,
     on_item: Callable[[BackfillItem], None] | None = None,
     poll_s: float = 2.0,
 ) -> list[BackfillItem]:
@@ -150,6 +169,8 @@ def backfill(
         every: the step (``"1D"``, ``"6H"``... or a timedelta).
         deployment: ``flow-name/deployment-name`` to create the runs through; in-process
             runs without it.
+        run_key_format: strftime format of the keys; default: the deployment's
+            ``run_key_format`` parameter if it has one, else see :func:`run_keys`.
         on_item: called with each key's result as soon as it is known.
         poll_s: how often to poll the server for deployment runs' states.
 
@@ -161,8 +182,11 @@ def backfill(
     start_dt = parse_when(start, "--from") if isinstance(start, str) else _aware(start)
     end_dt = parse_when(end, "--to") if isinstance(end, str) else _aware(end)
     step = parse_every(every) if isinstance(every, str) else every
-    keys = run_keys(start_dt, end_dt, step)
     cfg = load_config(pipeline_path)
+    dep = _read_deployment(deployment) if deployment else None
+    if run_key_format is None and dep is not None:
+        run_key_format = (dep.parameters or {}).get("run_key_format")
+    keys = run_keys(start_dt, end_dt, step, run_key_format)
     done = completed_keys(cfg)
     items: dict[str, BackfillItem] = {}
     todo: list[str] = []
@@ -175,7 +199,7 @@ def backfill(
             todo.append(k)
     if todo:
         if deployment:
-            results = _through_deployment(Path(pipeline_path), deployment, todo, on_item, poll_s)
+            results = _through_deployment(Path(pipeline_path), dep, deployment, todo, on_item, poll_s)
         else:
             results = _in_process(Path(pipeline_path), todo, on_item)
         items.update({r.run_key: r for r in results})
@@ -232,11 +256,9 @@ def _in_process(path: Path, keys: list[str], on_item) -> list[BackfillItem]:
 # ------------------------------------------------------------------------------ deployment
 
 
-def _through_deployment(path: Path, name: str, keys: list[str], on_item,
-                        poll_s: float) -> list[BackfillItem]:
-    """Create one flow run of deployment ``name`` per key, then wait for all of them."""
+def _read_deployment(name: str):
+    """The deployment ``FLOW/DEPLOYMENT`` from the server; it must take a ``run_key``."""
     from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     if "/" not in name:
@@ -248,12 +270,25 @@ def _through_deployment(path: Path, name: str, keys: list[str], on_item,
         except ObjectNotFound:
             raise ConfigError(f"--deployment {name!r}: no such deployment on the Prefect server",
                               field="deployment") from None
-    props = (dep.parameter_openapi_schema or {}).get("properties", {})
-    if "run_key" not in props:
+    if "run_key" not in (dep.parameter_openapi_schema or {}).get("properties", {}):
         raise ConfigError(f"--deployment {name!r}: its flow takes no run_key parameter, so a "
                           "backfill cannot tell it which key to run", field="deployment")
+    return dep
+
+
+def _through_deployment(path: Path, dep, name: str, keys: list[str], on_item,
+                        poll_s: float) -> list[BackfillItem]:
+    """Create one flow run of deployment ``name`` per key, then wait for all of them."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    props = (dep.parameter_openapi_schema or {}).get("properties", {})
+    defaults = dep.parameters or {}
     base: dict[str, Any] = {}
-    if "pipeline_path" in props and "pipeline_path" not in (dep.parameters or {}):
+    # The deployment says which pipeline it runs (a file or a block); if it does not, the
+    # file given to backfill is passed, as an absolute path (valid for a worker on this
+    # machine or one that mounts the same path).
+    if "pipeline_path" in props and not (defaults.get("pipeline_path") or defaults.get("pipeline_block")):
         base["pipeline_path"] = str(path.resolve())
 
     started: dict[str, tuple[Any, float]] = {}

@@ -164,6 +164,10 @@ def backfill(
     deployment: Optional[str] = typer.Option(
         None, "--deployment",
         help="FLOW/DEPLOYMENT to create the runs through (run_deployment); default: run here."),
+    run_key_format: Optional[str] = typer.Option(
+        None, "--run-key-format",
+        help="strftime format of the run keys (default: the deployment's run_key_format, else "
+             "YYYY-MM-DD for whole days, YYYY-MM-DDTHH:MM finer)."),
     summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write the per-key results here."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs and full tracebacks."),
 ) -> None:
@@ -176,7 +180,8 @@ def backfill(
                   highlight=False, markup=False)
 
     try:
-        items = do_backfill(pipeline, start, end, every, deployment=deployment, on_item=show)
+        items = do_backfill(pipeline, start, end, every, deployment=deployment,
+                            run_key_format=run_key_format, on_item=show)
     except Exception as e:  # noqa: BLE001 - every failure ends in one line
         _fail(e, verbose)
         return

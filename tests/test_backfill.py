@@ -69,6 +69,9 @@ def test_run_keys_match_the_scheduled_flows_format():
     assert run_keys(d, parse_when("2026-11-01T12:00", "--to"), parse_every("6H")) == [
         "2026-11-01T00:00", "2026-11-01T06:00", "2026-11-01T12:00"]
     assert parse_every("30min") == parse_every("30M") == timedelta(minutes=30)
+    # a deployment's run_key_format
+    assert run_keys(d, parse_when("2026-11-02", "--to"), parse_every("1D"), "%Y%m%d") == [
+        "20261101", "20261102"]
     # a time zone in the bounds is converted to UTC
     assert run_keys(parse_when("2026-11-01T01:00+01:00", "--from"),
                     parse_when("2026-11-02T00:00Z", "--to"), parse_every("1D")) == [
@@ -83,6 +86,10 @@ def test_run_keys_match_the_scheduled_flows_format():
      "is before --from"),
     (lambda: run_keys(datetime(2020, 1, 1), datetime(2026, 1, 1), timedelta(minutes=1)), "every",
      "run keys (more than 10,000)"),
+    (lambda: run_keys(datetime(2026, 11, 1), datetime(2026, 11, 2), timedelta(hours=6), "%Y-%m-%d"),
+     "run_key_format", "gives several points of the range the same key"),
+    (lambda: run_keys(datetime(2026, 11, 1), datetime(2026, 11, 2), timedelta(days=1), "%Y/%m/%d"),
+     "run_key", "is not allowed"),
 ])
 def test_bad_ranges_are_one_clear_error(call, field, text):
     with pytest.raises(ConfigError) as info:
@@ -154,17 +161,18 @@ _SERVE = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[1])
-    from flows.pipeline_flow import run_pipeline_file
+    from flows.pipeline_flow import run_pipeline_flow
 
     if __name__ == "__main__":
-        run_pipeline_file.serve(name=sys.argv[2], limit=2, print_starting_message=False)
+        run_pipeline_flow.serve(name=sys.argv[2], limit=2, print_starting_message=False,
+                                parameters={"run_key_format": "%Y%m%d"})
     """
 )
 
 
 @pytest.fixture
 def served_deployment(tmp_path, prefect_server):
-    """``run-pipeline-file`` deployed by ``flow.serve`` in its own process (a long-lived runner
+    """``run-pipeline`` (flows/pipeline_flow.py) deployed by ``flow.serve`` in its own process (a long-lived runner
     that polls the server and runs each flow run in a subprocess); stopped after the test."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -181,13 +189,13 @@ def served_deployment(tmp_path, prefect_server):
         with get_client(sync_client=True) as client:
             while True:
                 try:
-                    client.read_deployment_by_name(f"run-pipeline-file/{name}")
+                    client.read_deployment_by_name(f"run-pipeline/{name}")
                     break
                 except ObjectNotFound:
                     assert proc.poll() is None, (tmp_path / "serve.log").read_text()
                     assert time.monotonic() < deadline, "the served deployment did not appear"
                     time.sleep(0.5)
-        yield f"run-pipeline-file/{name}"
+        yield f"run-pipeline/{name}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -208,15 +216,17 @@ def test_backfill_through_a_deployment(tmp_path, data, served_deployment):
     src, df = data
     p = _pipeline(tmp_path, src, {"kind": "threads", "workers": 2})
     out = tmp_path / "out"
-    r = run_cli("run", str(p), "--run-key", "2026-11-01")  # pre-complete the first key
+    r = run_cli("run", str(p), "--run-key", "20261101")  # pre-complete the first key
     assert r.returncode == 0, r.stderr
 
     r = run_cli("backfill", str(p), "--from", "2026-11-01", "--to", "2026-11-03",
                 "--deployment", served_deployment, "--summary-json", str(tmp_path / "bf.json"))
     assert r.returncode == 0, r.stdout + r.stderr + (tmp_path / "serve.log").read_text()
     items = {i["run_key"]: i for i in json.loads((tmp_path / "bf.json").read_text())}
-    assert items["2026-11-01"]["action"] == "skipped"
-    ran = [items["2026-11-02"], items["2026-11-03"]]
+    # keys in the deployment's run_key_format, the one its scheduled runs use
+    assert list(items) == ["20261101", "20261102", "20261103"]
+    assert items["20261101"]["action"] == "skipped"
+    ran = [items["20261102"], items["20261103"]]
     assert [(i["action"], i["status"]) for i in ran] == [("ran", "completed")] * 2, ran
     want = reference(df)
     for k in items:
@@ -228,7 +238,7 @@ def test_backfill_through_a_deployment(tmp_path, data, served_deployment):
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             tags=FlowRunFilterTags(all_=["backfill"])))
     mine = [fr for fr in runs if fr.deployment_id == dep.id]
-    assert sorted(fr.parameters["run_key"] for fr in mine) == ["2026-11-02", "2026-11-03"]
+    assert sorted(fr.parameters["run_key"] for fr in mine) == ["20261102", "20261103"]
     assert {str(fr.id) for fr in mine} == {i["flow_run"] for i in ran}
     assert all(fr.state.is_completed() for fr in mine)
     assert all(fr.parameters["pipeline_path"] == str(p.resolve()) for fr in mine)
