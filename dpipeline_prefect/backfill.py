@@ -224,7 +224,7 @@ def _in_process(path: Path, keys: list[str], on_item) -> list[BackfillItem]:
     """Run each key as a flow run of this process; one Dask cluster serves all of them."""
     from contextlib import ExitStack
 
-    from .pipeline import Pipeline, _flow_for, _make_importable, prefect_api
+    from .pipeline import Pipeline, _flow_for, _make_importable, _run_tags, prefect_api
 
     p = Pipeline.from_yaml(path)
     _make_importable(p.base_dir)
@@ -238,6 +238,7 @@ def _in_process(path: Path, keys: list[str], on_item) -> list[BackfillItem]:
                                                        p.config.runner.threads_per_worker))
         flow = _flow_for(p.config, cluster)
         stack.enter_context(prefect_api())
+        stack.enter_context(_run_tags(p.config))  # as Pipeline.run tags its runs (alerts.py)
         for k in keys:
             t0 = time.perf_counter()
             try:

@@ -134,6 +134,19 @@ def test_local_backfill_skips_the_completed_key_and_writes_each_key_once(tmp_pat
     assert _mtimes(out / "2026-11-02") == before  # the skipped key was not rewritten
     assert "2026-11-02" in r.stdout and "skipped" in r.stdout  # the table
 
+    # each key was its own flow run on the server, tagged like any run of this pipeline
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from dpipeline_prefect.alerts import pipeline_tag
+    from dpipeline_prefect.config import load_config
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[pipeline_tag(load_config(p).name)])))
+    assert sorted(fr.parameters["run_key"] for fr in runs) == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert {str(fr.id) for fr in runs} >= {items[k]["flow_run"] for k in ("2026-11-01", "2026-11-03")}
+
     # every key complete now: a second backfill runs nothing
     r = run_cli("backfill", str(p), "--from", "2026-11-01", "--to", "2026-11-03",
                 "--summary-json", str(tmp_path / "bf2.json"))
