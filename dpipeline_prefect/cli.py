@@ -470,6 +470,40 @@ def audit_cmd(
     out.print(t)
 
 
+@app.command()
+def health(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="The checks as one JSON list."),
+) -> None:
+    """Check that the pipeline can run now: Prefect API, Dask, storage, limits. Exit 1 if not."""
+    _quiet_prefect_console(False)
+    try:
+        from .config import load_config
+        from .health import check_health
+
+        cfg = load_config(pipeline)
+        checks = check_health(cfg)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    from rich.markup import escape
+
+    bad = [c for c in checks if not c.ok]
+    if as_json:
+        sys.stdout.write(json.dumps([c.__dict__ for c in checks], default=str) + "\n")
+    else:
+        t = Table(title=f"health of {cfg.name}: {'healthy' if not bad else 'UNHEALTHY'}")
+        for c in ("check", "status", "detail", "s"):
+            t.add_column(c)
+        for c in checks:
+            t.add_row(escape(c.item), "[green]ok[/]" if c.ok else "[bold red]FAILED[/]",
+                      escape(c.detail), f"{c.seconds:.2f}")
+        out.print(t)
+    if bad:
+        err.print(f"[bold red]unhealthy:[/] {escape(', '.join(c.item for c in bad))}", highlight=False)
+        raise typer.Exit(1)
+
+
 def _server_api_url() -> str:
     """The configured Prefect server: alerts live in its automations services, so an
     embedded throw-away server would be useless here."""
