@@ -184,6 +184,8 @@ def backfill(
     step = parse_every(every) if isinstance(every, str) else every
     cfg = load_config(pipeline_path)
     dep = _read_deployment(deployment) if deployment else None
+    if dep is not None:
+        _check_same_pipeline(cfg.name, dep, deployment)
     if run_key_format is None and dep is not None:
         run_key_format = (dep.parameters or {}).get("run_key_format")
     keys = run_keys(start_dt, end_dt, step, run_key_format)
@@ -275,6 +277,39 @@ def _read_deployment(name: str):
         raise ConfigError(f"--deployment {name!r}: its flow takes no run_key parameter, so a "
                           "backfill cannot tell it which key to run", field="deployment")
     return dep
+
+
+def _check_same_pipeline(name: str, dep, deployment: str) -> None:
+    """Refuse a deployment whose default pipeline is another one than the file's.
+
+    Completed keys are read from the file's checkpoint store: if the deployment ran another
+    pipeline, keys would be skipped or run by mistake. The deployment's pipeline is known when
+    it names a pipeline block, or a pipeline file that exists here too (a relative path is
+    taken from the current folder, as a worker on this machine would); otherwise it is trusted.
+    """
+    defaults = dep.parameters or {}
+    other: str | None = None
+    where = ""
+    try:
+        if defaults.get("pipeline_block"):
+            from .blocks import load_pipeline_block
+
+            other = load_pipeline_block(defaults["pipeline_block"]).pipeline().name
+            where = f"pipeline block {defaults['pipeline_block']!r}"
+        elif defaults.get("pipeline_path") and Path(defaults["pipeline_path"]).is_file():
+            from .config import load_config
+
+            other = load_config(defaults["pipeline_path"]).name
+            where = f"pipeline file {defaults['pipeline_path']!r}"
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable here (e.g. ${VAR}s unset): trust the user
+        return
+    if other is not None and other != name:
+        raise ConfigError(
+            f"--deployment {deployment!r} runs pipeline {other!r} ({where}), not {name!r} of the "
+            "file given: backfill reads completed keys from the file's checkpoints, so both must "
+            "be the same pipeline", field="deployment")
 
 
 def _through_deployment(path: Path, dep, name: str, keys: list[str], on_item,

@@ -19,8 +19,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dpipeline_prefect.backfill import parse_every, parse_when, run_keys
+from dpipeline_prefect.backfill import backfill, parse_every, parse_when, run_keys
 from dpipeline_prefect.errors import ConfigError
 
 from .pipeline_helpers import assert_exactly_once, flights, reference, run_cli, write_parquet_files, write_yaml
@@ -109,6 +110,7 @@ def test_cli_bad_range_exits_non_zero_with_one_line(tmp_path, data):
 
 
 @pytest.mark.prefect
+@pytest.mark.slow
 def test_local_backfill_skips_the_completed_key_and_writes_each_key_once(tmp_path, data):
     src, df = data
     p = _pipeline(tmp_path, src, {"kind": "dask", "workers": 2})
@@ -148,10 +150,8 @@ def test_local_backfill_skips_the_completed_key_and_writes_each_key_once(tmp_pat
     assert {str(fr.id) for fr in runs} >= {items[k]["flow_run"] for k in ("2026-11-01", "2026-11-03")}
 
     # every key complete now: a second backfill runs nothing
-    r = run_cli("backfill", str(p), "--from", "2026-11-01", "--to", "2026-11-03",
-                "--summary-json", str(tmp_path / "bf2.json"))
-    assert r.returncode == 0, r.stderr
-    assert {i["action"] for i in json.loads((tmp_path / "bf2.json").read_text())} == {"skipped"}
+    again = backfill(p, "2026-11-01", "2026-11-03", "1D")
+    assert [(i.action, i.status) for i in again] == [("skipped", "already_complete")] * 3
 
 
 @pytest.mark.prefect
@@ -255,3 +255,31 @@ def test_backfill_through_a_deployment(tmp_path, data, served_deployment):
     assert {str(fr.id) for fr in mine} == {i["flow_run"] for i in ran}
     assert all(fr.state.is_completed() for fr in mine)
     assert all(fr.parameters["pipeline_path"] == str(p.resolve()) for fr in mine)
+
+
+@pytest.mark.prefect
+def test_a_deployment_of_another_pipeline_or_without_run_key_is_refused(tmp_path, data, prefect_server):
+    from prefect import flow
+
+    from flows.pipeline_flow import run_pipeline_flow
+
+    src, _ = data
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mine = _pipeline(tmp_path / "a", src, {"kind": "threads"})
+    other = _pipeline(tmp_path / "b", src, {"kind": "threads"})
+    name = "other-" + uuid.uuid4().hex[:6]
+    run_pipeline_flow.to_deployment(name=name, parameters={"pipeline_path": str(other)}).apply()
+    with pytest.raises(ConfigError) as info:
+        backfill(mine, "2026-11-01", "2026-11-02", "1D", deployment=f"run-pipeline/{name}")
+    assert info.value.field == "deployment"
+    assert f"runs pipeline {yaml.safe_load(other.read_text())['name']!r}" in str(info.value)
+
+    @flow(name="no-run-key")
+    def no_run_key(pipeline_path: str) -> None: ...
+
+    no_run_key.to_deployment(name=name).apply()
+    with pytest.raises(ConfigError, match="takes no run_key parameter"):
+        backfill(mine, "2026-11-01", "2026-11-02", "1D", deployment=f"no-run-key/{name}")
+    with pytest.raises(ConfigError, match="no such deployment"):
+        backfill(mine, "2026-11-01", "2026-11-02", "1D", deployment=f"run-pipeline/nope-{name}")
