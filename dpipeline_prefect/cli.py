@@ -100,10 +100,16 @@ def _summary_table(s: dict) -> Table:
     t = Table(title=f"{s['pipeline']} / {s['run_key']}: {s['status']}", show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
-    for k in ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed",
-              "retries", "bytes_read", "bytes_written", "duration_s", "rows_per_s", "lock_waited_s",
-              "limit_wait_s", "breaker_openings", "transforms_skipped", "sink",
-              "flow_run_id"):
+    keys = ("rows_in", "rows_out", "rows_dead_letter", "shards_total", "shards_skipped", "batches_reprocessed",
+            "retries", "bytes_read", "bytes_written", "duration_s", "rows_per_s", "lock_waited_s",
+            "limit_wait_s", "breaker_openings", "transforms_skipped", "sink",
+            "flow_run_id")
+    if s.get("mode") == "stream":  # stream.py: one increment
+        keys = ("seq", "resumed", "files_new", "rows_in", "windows_emitted", "windows_reemitted", "windows_open",
+                "rows_late", "late_rule", "rows_dead_letter", "rows_late_dropped", "late_expired",
+                "rows_no_event_time", "watermark", "max_event_time", "state_bytes", "bytes_written",
+                "duration_s", "lock_waited_s", "sink", "flow_run_id")
+    for k in keys:
         v = s.get(k)
         if v is None or (k in ("lock_waited_s", "limit_wait_s") and v < 0.5):
             continue

@@ -37,6 +37,9 @@ __all__ = [
     "LimitConfig",
     "TransformConfig",
     "MonitoringConfig",
+    "WindowConfig",
+    "StreamConfig",
+    "parse_duration",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -483,6 +486,111 @@ class RunnerConfig(_Model):
     address: str | None = Field(None, description="tcp://host:8786 to use an existing Dask cluster.")
 
 
+def parse_duration(value: Any, field: str) -> "Any":
+    """``2h``, ``15min``, ``30s``, ``1D`` (a fixed pandas Timedelta) -> ``pd.Timedelta``.
+
+    Raises ValueError naming ``field`` when the value is not a fixed, non-negative duration.
+    """
+    import pandas as pd
+
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{field} must be a duration such as 2h, 15min or 30s, got {value!r}")
+    try:
+        td = pd.Timedelta(value) if not isinstance(value, (int, float)) else pd.Timedelta(seconds=value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{field} {value!r} is not a duration; use e.g. 2h, 15min, 30s, 1D") from None
+    if td < pd.Timedelta(0):
+        raise ValueError(f"{field} must not be negative, got {value!r}")
+    return td
+
+
+class WindowConfig(_Model):
+    """Event-time windows: tumbling (size), sliding (size, slide) or session (gap)."""
+
+    kind: Literal["tumbling", "sliding", "session"] = "tumbling"
+    size: str | None = Field(None, description="Tumbling and sliding: window length, e.g. 1h.")
+    slide: str | None = Field(None, description="Sliding: distance between window starts, e.g. 15min.")
+    gap: str | None = Field(None, description="Session: a pause this long or longer ends a session.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "WindowConfig":
+        need = {"tumbling": ("size",), "sliding": ("size", "slide"), "session": ("gap",)}[self.kind]
+        for name in ("size", "slide", "gap"):
+            value = getattr(self, name)
+            if name in need:
+                if value is None:
+                    raise ValueError(f"stream.window.{name} is required for kind {self.kind!r}")
+                if parse_duration(value, f"stream.window.{name}").value <= 0:
+                    raise ValueError(f"stream.window.{name} must be positive, got {value!r}")
+            elif value is not None:
+                raise ValueError(f"stream.window.{name} does not apply to kind {self.kind!r}")
+        if self.kind == "sliding":
+            size = parse_duration(self.size, "stream.window.size")
+            slide = parse_duration(self.slide, "stream.window.slide")
+            if slide > size:
+                raise ValueError("stream.window.slide must not exceed stream.window.size (windows would leave gaps)")
+            if (size.value // slide.value) > 1000:
+                raise ValueError("stream.window: size / slide must be at most 1000 windows per event")
+        return self
+
+
+_AGGREGATIONS = ("count", "sum", "min", "max", "mean")
+
+
+class StreamConfig(_Model):
+    """Incremental, event-time processing (see ``stream.py``): each run reads only new input
+    files, aggregates them into windows whose state lives in the checkpoint store, and emits a
+    window once, when the watermark (max event time seen - ``watermark_delay``) passes its end."""
+
+    event_time: str = Field(description="Timestamp column (naive timestamps are read as UTC).")
+    watermark_delay: str = Field("0s", description="How late an event may be and still count, e.g. 2h.")
+    window: WindowConfig
+    key: list[str] = Field(default_factory=list, description="Group key columns within a window.")
+    aggregations: dict[str, list[Literal["count", "sum", "min", "max", "mean"]]] = Field(
+        description="column -> aggregations among count, sum, min, max, mean.")
+    late: Literal["dead_letter", "drop_with_count", "update"] = Field(
+        "dead_letter",
+        description="Events for windows already emitted: dead_letter (to the dead-letter store), "
+        "drop_with_count, or update (re-emit the window with _version + 1).",
+    )
+    update_ttl: str = Field(
+        "1D",
+        description="late: update keeps an emitted window's state this long past the watermark; "
+        "later events for it are dropped and counted as expired.",
+    )
+    max_file_age: str | None = Field(
+        None,
+        description="Forget consumed input files whose mtime is this much older than the newest "
+        "consumed one (bounds the file list); files older than that are ignored. Null: remember all.",
+    )
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        parse_duration(self.watermark_delay, "stream.watermark_delay")
+        parse_duration(self.update_ttl, "stream.update_ttl")
+        if self.max_file_age is not None:
+            parse_duration(self.max_file_age, "stream.max_file_age")
+        if not self.aggregations:
+            raise ValueError("stream.aggregations must name at least one column, e.g. {dep_delay: [mean]}")
+        for col, aggs in self.aggregations.items():
+            if not aggs:
+                raise ValueError(f"stream.aggregations.{col}: list at least one of {', '.join(_AGGREGATIONS)}")
+        if len(set(self.key)) != len(self.key):
+            raise ValueError("stream.key lists a column twice")
+        if self.event_time in self.key:
+            raise ValueError(f"stream.key: the event time column {self.event_time!r} cannot be a group key")
+        if self.window.kind == "session" and self.late == "update":
+            raise ValueError(
+                "stream.late: update is not supported for session windows (a late event can join "
+                "sessions that were already emitted); use dead_letter or drop_with_count")
+        return self
+
+
 class PipelineConfig(_Model):
     """A whole pipeline: source -> sharding -> batching -> transforms -> sink, with checkpoints."""
 
@@ -512,6 +620,23 @@ class PipelineConfig(_Model):
         default_factory=MonitoringConfig,
         description="Metrics, Prometheus endpoint, log format, dead-letter alert threshold.",
     )
+    stream: StreamConfig | None = Field(
+        None, description="Incremental event-time processing (windows, watermark, late data); "
+        "absent: a batch pipeline.",
+    )
+
+    @model_validator(mode="after")
+    def _stream_fits(self) -> "PipelineConfig":
+        if self.stream is None:
+            return self
+        if "{run_key}" in self.sink.path:
+            raise ValueError(
+                "sink.path: a stream pipeline's output and state belong to the pipeline, not to a "
+                "run key; remove {run_key} from the path")
+        if self.sharding.strategy != "files":
+            raise ValueError("sharding: a stream pipeline runs each increment as one task; remove the "
+                             "sharding section")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -566,6 +691,8 @@ class PipelineConfig(_Model):
                 "partition_by": list(self.sink.partition_by),
             },
         }
+        if self.stream is not None:  # only when set: batch pipelines keep their fingerprints
+            parts["stream"] = self.stream.model_dump(mode="json", exclude={"max_file_age", "update_ttl"})
         return {
             k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
             for k, v in parts.items()

@@ -487,6 +487,11 @@ def replay(cfg: PipelineConfig, run_key: str) -> ReplayReport:
     output is published, so a crash redoes the same round under the same names and a finished
     round is never redone. Rows that fail again stay in the queue (in a new round's file).
     """
+    if cfg.stream is not None:
+        raise ConfigError(
+            "dlq replay does not apply to a stream pipeline: its queue holds late events, which "
+            "belong to windows already emitted (use stream.late: update to re-emit windows)",
+            field="stream.late")
     from .checkpoint import CheckpointStore
     from .sinks import Sink
     from .sources import schema_from_b64

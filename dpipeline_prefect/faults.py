@@ -10,6 +10,10 @@ Named points: ``planned`` (manifest saved, nothing written), ``shuffle`` (a map 
 part of its staged files), ``before_write`` (a batch transformed, not yet written),
 ``after_write`` (a batch published, its checkpoint not yet saved), ``after_checkpoint``
 (checkpoint saved), ``finalize`` (all shards done, run not yet marked complete).
+Stream increments (``stream.py``): ``stream_planned`` (the increment's file list saved in the
+state, nothing read), ``stream_before_write`` (windows computed, nothing written),
+``stream_after_write`` (emitted windows and late rows published, state not committed),
+``stream_after_commit`` (state committed).
 """
 
 from __future__ import annotations

@@ -68,6 +68,15 @@ def shuffle_task(ctx: RunContext, split: int, file: dict) -> dict:
     return {**doc, "split": split}
 
 
+@task(name="stream-increment", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
+      retry_condition_fn=_retry_transient)
+def stream_task(cfg: PipelineConfig, run_key: str, restart: bool) -> dict:
+    """One increment of a stream pipeline (``stream.py``); a retry redoes the same increment."""
+    from .stream import run_increment
+
+    return run_increment(cfg, run_key, restart)
+
+
 @task(name="shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 4],
       retry_condition_fn=_retry_transient, task_run_name="shard-{spec.label}")
 def shard_task(ctx: RunContext, spec: ShardSpec) -> dict:
@@ -122,9 +131,12 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     t0 = time.perf_counter()
     mon = RunMonitor(cfg, run_key, _flow_run_id())
     try:
-        _check_storage_fits_runner(cfg)
-        _check_existing_cluster()
-        if not cfg.lock.enabled:
+        if cfg.stream is None:
+            _check_storage_fits_runner(cfg)
+            _check_existing_cluster()
+        if cfg.stream is not None:  # one increment of a stream pipeline (stream.py)
+            summary = _execute_stream(cfg, run_key, restart)
+        elif not cfg.lock.enabled:
             summary = {**_execute(cfg, run_key, restart, mon), "lock_waited_s": None}
         else:
             lock = RunLock(cfg.name, run_key, wait_s=cfg.lock.wait_s, lease_s=cfg.lock.lease_s,
@@ -139,6 +151,34 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
         mon.failed(e, time.perf_counter() - t0)  # dpipeline.run.failed
         raise
     mon.completed(summary)  # dpipeline.run.completed (+ dpipeline.degraded)
+    return summary
+
+
+def _execute_stream(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
+    """A stream pipeline's run: one ``stream-increment`` task under the pipeline's stream lock.
+
+    The state belongs to the pipeline, not to a run key, so the lock is taken for the run key
+    ``stream`` whatever ``run_key`` labels this run: two increments never overlap.
+    """
+    from .stream import STREAM_RUN_KEY
+
+    t0 = time.perf_counter()
+    task_ = stream_task.with_options(**_task_options(cfg))
+    if not cfg.lock.enabled:
+        summary = task_(cfg, run_key, restart)
+        summary["lock_waited_s"] = None
+    else:
+        lock = RunLock(cfg.name, STREAM_RUN_KEY, wait_s=cfg.lock.wait_s, lease_s=cfg.lock.lease_s,
+                       poll_s=cfg.lock.poll_s, flow_run_id=_flow_run_id())
+        with lock:
+            summary = task_(cfg, run_key, restart)
+        summary["lock_waited_s"] = lock.waited_s
+    summary["flow_run_id"] = _flow_run_id()
+    summary["duration_s"] = round(time.perf_counter() - t0, 3)
+    get_run_logger().info(
+        "stream %s increment %s: %s, %d window(s) emitted, %d late row(s), watermark %s",
+        cfg.name, summary.get("seq"), summary["status"], summary.get("windows_emitted", 0),
+        summary.get("rows_late", 0), summary.get("watermark"))
     return summary
 
 

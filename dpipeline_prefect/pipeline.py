@@ -46,7 +46,7 @@ class Pipeline:
         """
         _make_importable(self.base_dir)
         runner = self.config.runner
-        if runner.kind == "dask" and not runner.address:
+        if runner.kind == "dask" and not runner.address and self.config.stream is None:
             # Start the workers now: they import what shards need while this process imports
             # Prefect and creates the flow run (see cluster.py).
             from .cluster import EarlyCluster
@@ -86,8 +86,15 @@ def _flow_for(cfg: PipelineConfig, cluster=None):
     from .flows import sharded_pipeline
     from .runner import make_task_runner
 
+    if cfg.stream is not None:
+        # one increment is one task in this process: no Dask cluster to start (stream.py)
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        runner = ThreadPoolTaskRunner(max_workers=1)
+    else:
+        runner = make_task_runner(cfg.runner, address=cluster.address() if cluster else None)
     return sharded_pipeline.with_options(
-        task_runner=make_task_runner(cfg.runner, address=cluster.address() if cluster else None),
+        task_runner=runner,
         flow_run_name=f"{cfg.name}-{{run_key}}",
     )
 
