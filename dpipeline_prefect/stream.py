@@ -381,10 +381,16 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
             raise TerminalError(
                 f"--restart refused: sink {sink.storage.url} holds output of another pipeline "
                 f"({marker.get('pipeline')!r})", path=sink.storage.url)
-        store.delete_run()
-        removed = sink.clear()
-        if dlq is not None:
-            dlq.clear()
+        from .audit import audited  # Prefect events: who discarded the state (audit.py)
+
+        with audited("restart", cfg.name, STREAM_RUN_KEY, {"sink": sink.storage.url, "stream": True,
+                                                           "checkpoint": cfg.checkpoint.path}) as rec:
+            store.delete_run()
+            removed = sink.clear()
+            rec.details["output_files_removed"] = removed
+            if dlq is not None:
+                dlq.clear()
+                rec.details["dead_letters_cleared"] = True
         log.info("restart: removed the stream state of %s and %d output file(s)", cfg.name, removed)
 
     doc = store.load_shard(STATE_ID)

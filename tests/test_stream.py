@@ -269,6 +269,7 @@ def test_session_windows_match_pandas(tmp_path, slices):
     assert sum(s["rows_late"] for s in sums) == n_late
 
 
+@pytest.mark.prefect  # --restart is audited as Prefect events (audit.py)
 def test_config_errors_name_the_field(tmp_path):
     base = stream_cfg(tmp_path)
     bad = json.loads(json.dumps(base))
