@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.runtime import task_run as prefect_task_run
 
-from . import degrade, limits, progress
+from . import degrade, limits, logs, progress
 from .audit import audited
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
@@ -128,8 +128,14 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     :class:`~dpipeline_prefect.errors.RunLockedError` (see ``locks.py``).
     """
     validate_run_key(run_key)
+    logs.configure(cfg.monitoring.log_format)
+    with logs.log_context(pipeline=cfg.name, run_key=run_key):
+        return _monitored(cfg, run_key, restart)
+
+
+def _monitored(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    mon = RunMonitor(cfg, run_key, _flow_run_id())
+    mon = RunMonitor(cfg, run_key, _flow_run_id()).open()
     try:
         if cfg.stream is None:
             _check_storage_fits_runner(cfg)
@@ -143,13 +149,15 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
                            poll_s=cfg.lock.poll_s, flow_run_id=_flow_run_id())
             with lock:
                 if lock.waited_s or lock.freed:
-                    get_run_logger().info("run lock %s taken after %.1f s%s", lock.name, lock.waited_s,
+                    logs.run_logger(cfg.name, run_key).info("run lock %s taken after %.1f s%s", lock.name, lock.waited_s,
                                           "".join(f"; {f}" for f in lock.freed))
                 summary = _execute(cfg, run_key, restart, mon)
             summary["lock_waited_s"] = lock.waited_s
     except BaseException as e:
         mon.failed(e, time.perf_counter() - t0)  # dpipeline.run.failed
         raise
+    finally:
+        mon.close()
     mon.completed(summary)  # dpipeline.run.completed (+ dpipeline.degraded)
     return summary
 
@@ -183,7 +191,7 @@ def _execute_stream(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[st
 
 
 def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) -> dict[str, Any]:
-    logger = get_run_logger()
+    logger = logs.run_logger(cfg.name, run_key)
     t0 = time.perf_counter()
     started = time.time()  # breaker transitions from this moment on are this run's (degrade.py)
     ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
@@ -300,8 +308,7 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) 
     mon.started(shards_total=len(shards), shards_done=len(results),
                 rows_total=sum(s.rows or 0 for s in shards), rows_done=sum(r.rows_in for r in results),
                 restart=restart)
-    for r in results:
-        mon.dead_rows(r.shard, r.rows_dead_letter)
+    mon.skipped(results)
     if results:
         logger.info("%d of %d shard(s) already complete: skipped", len(results), len(shards))
 

@@ -27,9 +27,13 @@ def emit(event: str, payload: dict) -> None:
             pass
 
 
-def report(run: str, shard: str, rows: int) -> None:
-    """Report ``rows`` more input rows committed by ``shard`` of ``run``."""
-    payload = {"run": run, "shard": shard, "rows": rows}
+def report(run: str, shard: str, rows: int, **figures: Any) -> None:
+    """Report ``rows`` more input rows committed by ``shard`` of ``run``.
+
+    ``figures`` are the batch's metrics (``metrics.ShardMetrics.batch``), carried to the flow
+    process in the same message.
+    """
+    payload = {"run": run, "shard": shard, "rows": rows, **figures}
     try:
         from distributed import get_worker
 

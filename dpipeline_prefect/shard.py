@@ -38,6 +38,8 @@ from .degrade import SINK, SlotStats, degraded_slot, run_registry
 from .errors import TerminalError
 from .faults import crashpoint
 from .limits import run_limits, use_limits
+from .logs import configure as configure_logs, log_context, set_batch
+from .metrics import ShardMetrics
 from .progress import report
 from .retry import RetryPolicy, call_with_retry
 from .shuffle import read_staged
@@ -133,7 +135,19 @@ def _count_retry(res: ShardResult, spec: ShardSpec, attempt: int, exc: BaseExcep
 
 
 def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
-    """Run one shard to completion (or resume it); return its figures."""
+    """Run one shard to completion (or resume it); return its figures.
+
+    Its log lines carry the pipeline, run key, shard and batch (``logs.py``)."""
+    configure_logs(ctx.cfg.monitoring.log_format)
+    with log_context(pipeline=ctx.cfg.name, run_key=ctx.run_key, shard=spec.label):
+        res = _process_shard(ctx, spec)
+        if not res.skipped:
+            log.info("shard %s done: %d row(s) in, %d batch(es), %d retried, %.2f s", spec.label,
+                     res.rows_in_now, res.batches, res.retries, res.duration_s)
+        return res
+
+
+def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     source, ckpt_storage, work = _storages(ctx)
@@ -199,12 +213,15 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     scopes = contextlib.ExitStack()
     scopes.enter_context(use_registry(registry))  # breaker.circuit(name) in transforms
     scopes.enter_context(use_limits(lims))  # limits.limited(name) in transforms
+    # Per-batch figures (metrics.py): a few additions per batch, RSS/CPU sampled once a second.
+    sm = ShardMetrics(spec.id, spec.label) if cfg.monitoring.metrics else None
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
         for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
             n_rows, row0, offset = batch.num_rows, batch.offset, batch.offset + batch.num_rows
             # Hand the Arrow buffers over to pandas and drop every other reference, so a
             # batch is held once (not as Arrow + pandas + output at the same time).
+            set_batch(next_seq)
             table, batch = batch.table, None
             df = table.to_pandas(split_blocks=True, self_destruct=True)
             del table
@@ -259,7 +276,12 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             bytes_written += w.bytes
             res.rows_in_now += n_rows
             res.bytes_written += w.bytes
-            report(f"{cfg.name}/{ctx.run_key}", spec.id, n_rows)
+            if sm is None:
+                report(f"{cfg.name}/{ctx.run_key}", spec.id, n_rows)
+            else:
+                report(f"{cfg.name}/{ctx.run_key}", spec.id, n_rows, label=spec.label, dead_total=rows_dead,
+                       retries=res.retries, **sm.batch(next_seq - 1, n_rows, w.rows, n_dead, w.bytes),
+                       **({"breaker": {SINK: brk.state.value}} if brk is not None else {}))
             if cfg.checkpoint.per_batch:
                 writer.submit(
                     spec.id,
@@ -287,4 +309,6 @@ def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     res.degraded_slot_waits, res.degraded_slot_wait_s = slots.waits, round(slots.wait_s, 3)
     res.limits = lims.report()
     res.duration_s = time.perf_counter() - t0
+    if sm is not None:
+        res.extra["metrics"] = sm.summary()
     return res
