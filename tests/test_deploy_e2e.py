@@ -138,10 +138,57 @@ def _tiny_pipeline(tmp: Path, name: str, rows: int, runner: dict) -> tuple[Path,
     return write_yaml(tmp / f"{name}.yaml", cfg), tmp / "out"
 
 
-def test_prefect_deploy_all_and_a_run_triggered_like_the_ui(pg_server, project, tmp_path):
+@pytest.fixture(scope="module")
+def launched(pg_server, project, tmp_path_factory):
+    """Start the three checks' work at once (they then overlap on the worker): a UI-style run
+    of the daily deployment (`prefect deployment run --watch`, still waiting), a run of the
+    run_deployment flow, and an interval deployment made with deployments/deploy.py."""
+    tmp = tmp_path_factory.mktemp("e2e-data")
+    exe = str(Path(sys.executable).parent / "prefect")
+    cases = {}
+    for name, rows in (("manual", 1500), ("via", 900), ("interval", 1200)):
+        (tmp / name).mkdir()
+        cases[name] = _tiny_pipeline(tmp / name, f"e2e-{name}", rows, {"kind": "threads", "workers": 2})
+        cases[name] += (rows,)
+    watch = ("--watch", "--watch-interval", "1", "--watch-timeout", "400")
+    procs = {
+        "manual": [exe, "deployment", "run", "run-pipeline/flights-clean-daily",
+                   "--param", f'pipeline_path="{cases["manual"][0]}"', "--param", 'run_key="manual-1"', *watch],
+        "via": [exe, "deployment", "run", "pipeline-via-deployment/flights-clean-via-deployment",
+                "--param", f'pipeline_path="{cases["via"][0]}"', "--param", 'run_key="via-1"', *watch],
+        "interval": [sys.executable, "deployments/deploy.py", "pipeline", "e2e-interval",
+                     "--path", str(cases["interval"][0]), "--interval", "5",
+                     "--run-key-format", INTERVAL_FORMAT],
+    }
+    started = {k: subprocess.Popen(cmd, cwd=project, env=_env(pg_server), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+               for k, cmd in procs.items()}
+    yield {k: (started[k], *cases[k]) for k in procs}
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+INTERVAL_FORMAT = "%Y%m%dT%H%M%S"
+
+
+def _finished(proc: subprocess.Popen, project: Path, timeout: float = 420) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args}:\n{out}\nworker:\n" + (project / "worker.log").read_text()[-3000:]
+    return out
+
+
+def _run_id(out: str) -> str:
+    m = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", out)
+    assert m, out
+    return m.group(1) or m.group(2)
+
+
+def test_prefect_deploy_all_and_a_run_triggered_like_the_ui(pg_server, project, launched):
     with _client(pg_server) as client:
         dep = client.read_deployment_by_name("run-pipeline/flights-clean-daily")
-        schema = dep.parameter_openapi_schema["properties"]
+    schema = dep.parameter_openapi_schema["properties"]
     # what prefect.yaml asked for: a cron schedule, one run at a time, the process pool, a form
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"] and dep.schedules[0].active
     assert dep.global_concurrency_limit.limit == 1 and dep.work_pool_name == POOL
@@ -151,34 +198,44 @@ def test_prefect_deploy_all_and_a_run_triggered_like_the_ui(pg_server, project, 
         assert schema[p].get("description"), p
     assert schema["restart"]["type"] == "boolean"
 
-    path, out = _tiny_pipeline(tmp_path, "e2e-manual", 1500, {"kind": "threads", "workers": 2})
-    r = _prefect(pg_server, "deployment", "run", "run-pipeline/flights-clean-daily",
-                 "--param", f'pipeline_path="{path}"', "--param", 'run_key="manual-1"',
-                 "--watch", "--watch-interval", "1", "--watch-timeout", "300", cwd=project)
-    run_id = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", r.stdout)
-    assert run_id, r.stdout
+    proc, _path, out, rows = launched["manual"]
+    run_id = _run_id(_finished(proc, project))
     with _client(pg_server) as client:
-        run = client.read_flow_run(run_id.group(1) or run_id.group(2))
-    assert run.state.is_completed(), (run.state, (project / "worker.log").read_text()[-3000:])
+        run = client.read_flow_run(run_id)
+    assert run.state.is_completed(), run.state
     assert run.deployment_id == dep.id and run.work_pool_name == POOL
-    assert_exactly_once(str(out / "manual-1"), reference(flights(1500)))
+    assert_exactly_once(str(out / "manual-1"), reference(flights(rows)))
 
 
-def test_interval_schedule_produces_a_scheduled_run_that_completes(pg_server, project, tmp_path):
+def test_a_user_flow_runs_a_pipeline_deployment_with_run_deployment(pg_server, project, launched):
+    """flows/run_deployment_flow.py, deployed by prefect.yaml: its run triggers the pipeline
+    deployment, waits for it, and the pipeline's run is linked to it as its child."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    proc, _path, out, rows = launched["via"]
+    parent_id = _run_id(_finished(proc, project))
+    with _client(pg_server) as client:
+        parent = client.read_flow_run(parent_id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        pipeline_dep = client.read_deployment_by_name("run-pipeline/flights-clean-daily")
+    assert parent.state.is_completed(), parent.state
+    deployed = [c for c in children if c.deployment_id == pipeline_dep.id]
+    assert len(deployed) == 1 and deployed[0].state.is_completed()
+    assert deployed[0].parameters["run_key"] == "via-1"
+    assert_exactly_once(str(out / "via-1"), reference(flights(rows)))
+
+
+def test_interval_schedule_produces_a_scheduled_run_that_completes(pg_server, project, launched):
     from prefect.client.schemas.filters import (
         DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState,
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
 
-    path, out = _tiny_pipeline(tmp_path, "e2e-interval", 1200, {"kind": "threads", "workers": 2})
-    fmt = "%Y%m%dT%H%M%S"
-    r = subprocess.run(
-        [sys.executable, "deployments/deploy.py", "pipeline", "e2e-interval", "--path", str(path),
-         "--interval", "5", "--run-key-format", fmt],
-        cwd=project, env=_env(pg_server), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    deadline = time.time() + 240
+    proc, _path, out, rows = launched["interval"]
+    _finished(proc, project, timeout=120)
+    deadline = time.time() + 300
     done = None
     with _client(pg_server) as client:
         dep = client.read_deployment_by_name("run-pipeline/e2e-interval")
@@ -199,30 +256,6 @@ def test_interval_schedule_produces_a_scheduled_run_that_completes(pg_server, pr
                     type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))):
             client.delete_flow_run(f.id)
     assert done is not None, (project / "worker.log").read_text()[-3000:]
-    key = done.expected_start_time.strftime(fmt)
+    key = done.expected_start_time.strftime(INTERVAL_FORMAT)
     assert done.parameters.get("run_key") is None  # the key came from the scheduled time
-    assert_exactly_once(str(out / key), reference(flights(1200)))
-
-
-def test_a_user_flow_runs_a_pipeline_deployment_with_run_deployment(pg_server, project, tmp_path):
-    """flows/run_deployment_flow.py, deployed by prefect.yaml: its run triggers the pipeline
-    deployment, waits for it, and the pipeline's run is linked to it as its child."""
-    path, out = _tiny_pipeline(tmp_path, "e2e-via", 900, {"kind": "threads", "workers": 2})
-    r = _prefect(pg_server, "deployment", "run", "pipeline-via-deployment/flights-clean-via-deployment",
-                 "--param", f'pipeline_path="{path}"', "--param", 'run_key="via-1"',
-                 "--watch", "--watch-interval", "1", "--watch-timeout", "300", cwd=project)
-    run_id = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", r.stdout)
-    assert run_id, r.stdout
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    parent_id = run_id.group(1) or run_id.group(2)
-    with _client(pg_server) as client:
-        parent = client.read_flow_run(parent_id)
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
-        pipeline_dep = client.read_deployment_by_name("run-pipeline/flights-clean-daily")
-    assert parent.state.is_completed(), (parent.state, (project / "worker.log").read_text()[-3000:])
-    deployed = [c for c in children if c.deployment_id == pipeline_dep.id]
-    assert len(deployed) == 1 and deployed[0].state.is_completed()
-    assert deployed[0].parameters["run_key"] == "via-1"
-    assert_exactly_once(str(out / "via-1"), reference(flights(900)))
+    assert_exactly_once(str(out / key), reference(flights(rows)))
