@@ -118,6 +118,19 @@ def test_pipeline_block_validates_and_keeps_references(tmp_path, monkeypatch):
     assert "missing.yaml" in str(e.value)
 
 
+def test_the_deployable_flow_needs_exactly_one_pipeline_source(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from flows.pipeline_flow import load_pipeline
+
+    for args in ({}, {"pipeline_path": "p.yaml", "pipeline_block": "b"}):
+        with pytest.raises(ConfigError) as e:
+            load_pipeline(**args)
+        assert "exactly one of pipeline_path" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(pipeline_block="Not A Name")
+    assert "pipeline_block" in str(e.value) and "'Not A Name'" in str(e.value)
+
+
 # --- on the real Prefect server and S3 -------------------------------------------------------
 def _create(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CREATE), *args], capture_output=True, text=True,
@@ -183,6 +196,11 @@ def test_pipeline_on_s3_with_credentials_only_in_storage_blocks(tmp_path, s3, pr
     for p in sorted(src.glob("*.parquet")):
         st.fs.put_file(str(p), f"raw/{tag}/{p.name}")
 
+    r = _create("register")
+    assert r.returncode == 0 and "registered block type dpipeline-storage" in r.stdout, r.stderr
+    with get_client(sync_client=True) as client:
+        for slug in ("dpipeline-storage", "dpipeline-pipeline"):
+            assert client.read_block_type_by_slug(slug).documentation_url
     creds = {"DPIPELINE_S3_KEY": s3.key, "DPIPELINE_S3_SECRET": s3.secret}
     r = _create("storage", f"raw-{tag}", "--endpoint", s3.endpoint_url, "--base-url", "s3://raw/",
                 env=creds)

@@ -73,9 +73,12 @@ def pg_server(tmp_path_factory):
         _pg(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
-def _env(srv: PrefectServer) -> dict[str, str]:
+def _env(srv: PrefectServer, cwd: Path | None = None) -> dict[str, str]:
     env = {**os.environ, "PREFECT_API_URL": srv.api_url, "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_CLI_PROMPT": "false"}
+    if cwd is not None:
+        # as a shell sets it: prefect.yaml's "{{ $PWD }}" reads this variable, not the cwd
+        env["PWD"] = str(cwd)
     # the flow runs import the library from here, as the coordinator's venv or this checkout has it
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
     return env
@@ -83,7 +86,7 @@ def _env(srv: PrefectServer) -> dict[str, str]:
 
 def _prefect(srv: PrefectServer, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).parent / "prefect")
-    r = subprocess.run([exe, *args], cwd=cwd, env=_env(srv), capture_output=True, text=True,
+    r = subprocess.run([exe, *args], cwd=cwd, env=_env(srv, cwd), capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
     return r
@@ -97,13 +100,20 @@ def project(pg_server, tmp_path_factory):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prefect.yaml", proj / "prefect.yaml")
     _prefect(pg_server, "work-pool", "create", POOL, "--type", "process", cwd=proj)
+    # deployments/deploy.py makes the same deployments as prefect.yaml: deploy with the code
+    # first, then with prefect.yaml (which the tests use), and compare what the server holds
+    r = subprocess.run([sys.executable, "deployments/deploy.py", "all"], cwd=proj,
+                       env=_env(pg_server, proj), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    PROJECT_DEPLOYMENTS["code"] = _deployments(pg_server)
     r = _prefect(pg_server, "--no-prompt", "deploy", "--all", cwd=proj)
     assert "flights-clean-daily" in r.stdout
+    PROJECT_DEPLOYMENTS["yaml"] = _deployments(pg_server)
     log = open(proj / "worker.log", "wb")  # noqa: SIM115 - closed below
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", POOL,
          "--name", "e2e-worker"],
-        cwd=proj, env=_env(pg_server), stdout=log, stderr=subprocess.STDOUT,
+        cwd=proj, env=_env(pg_server, proj), stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -119,6 +129,25 @@ def project(pg_server, tmp_path_factory):
         except ProcessLookupError:
             pass
         log.close()
+
+
+PROJECT_DEPLOYMENTS: dict[str, dict] = {}
+
+
+def _deployments(srv: PrefectServer) -> dict[str, dict]:
+    """What matters of every deployment on the server, by flow/deployment name."""
+    out = {}
+    with _client(srv) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        for d in client.read_deployments():
+            out[f"{flows[d.flow_id]}/{d.name}"] = {
+                "entrypoint": d.entrypoint, "parameters": d.parameters, "tags": sorted(d.tags),
+                "work_pool": d.work_pool_name, "pull_steps": d.pull_steps,
+                "limit": d.global_concurrency_limit.limit if d.global_concurrency_limit else None,
+                "collision": d.concurrency_options.collision_strategy if d.concurrency_options else None,
+                "schedules": sorted((s.schedule.model_dump_json(), s.active) for s in d.schedules),
+            }
+    return out
 
 
 def _client(srv: PrefectServer):
@@ -160,7 +189,7 @@ def launched(pg_server, project, tmp_path_factory):
                      "--path", str(cases["interval"][0]), "--interval", "5",
                      "--run-key-format", INTERVAL_FORMAT],
     }
-    started = {k: subprocess.Popen(cmd, cwd=project, env=_env(pg_server), stdout=subprocess.PIPE,
+    started = {k: subprocess.Popen(cmd, cwd=project, env=_env(pg_server, project), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
                for k, cmd in procs.items()}
     yield {k: (started[k], *cases[k]) for k in procs}
@@ -183,6 +212,17 @@ def _run_id(out: str) -> str:
     m = re.search(r"UUID\('([0-9a-f-]{36})'\)|\b([0-9a-f]{8}-[0-9a-f-]{27})\b", out)
     assert m, out
     return m.group(1) or m.group(2)
+
+
+def test_deployments_as_code_match_prefect_yaml(project):
+    code, yaml_ = PROJECT_DEPLOYMENTS["code"], PROJECT_DEPLOYMENTS["yaml"]
+    assert sorted(yaml_) == sorted(code) == [
+        "pipeline-via-deployment/flights-clean-via-deployment",
+        "run-pipeline/flights-clean-daily", "run-pipeline/flights-clean-from-block"]
+    for name in yaml_:
+        assert yaml_[name] == code[name], name
+    assert yaml_["run-pipeline/flights-clean-daily"]["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}]
 
 
 def test_prefect_deploy_all_and_a_run_triggered_like_the_ui(pg_server, project, launched):
