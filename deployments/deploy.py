@@ -83,6 +83,12 @@ def deploy_all(pool: str = POOL) -> list[Any]:
             description="The flights pipeline kept in the dpipeline-pipeline block flights-clean.",
         ),
     ]
+    ids.append(deploy_pipeline(
+        "flights-stream-every-5-min", path="examples/stream/pipeline.yaml", interval=300,
+        run_key_format="%Y-%m-%dT%H%M", pool=pool, tags=["dpipeline", "flights-stream"],
+        description="The incremental flights pipeline every 5 minutes: each run processes only "
+        "the files that arrived since the last one.",
+    ))
     via = flow.from_source(source=str(ROOT), entrypoint=VIA_DEPLOYMENT_FLOW)
     ids.append(via.deploy(
         name="flights-clean-via-deployment", work_pool_name=pool, build=False, push=False,
