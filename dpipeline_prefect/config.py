@@ -558,6 +558,13 @@ class StreamConfig(_Model):
         description="late: update keeps an emitted window's state this long past the watermark; "
         "later events for it are dropped and counted as expired.",
     )
+    incremental: Literal["files", "event_time"] = Field(
+        "files",
+        description="files: each run reads the source files no earlier run consumed. event_time "
+        "(Parquet only): each run reads the rows whose event time is past the last run's mark, "
+        "from every file (row groups skipped by their statistics); rows that arrive with an event "
+        "time at or before the mark are never read.",
+    )
     max_file_age: str | None = Field(
         None,
         description="Forget consumed input files whose mtime is this much older than the newest "
@@ -636,6 +643,10 @@ class PipelineConfig(_Model):
         if self.sharding.strategy != "files":
             raise ValueError("sharding: a stream pipeline runs each increment as one task; remove the "
                              "sharding section")
+        if self.stream.incremental == "event_time" and self.source.format != "parquet":
+            raise ValueError(
+                "stream.incremental: event_time needs a source that can filter rows by time "
+                "(format: parquet); use incremental: files for csv and jsonl")
         return self
 
     @field_validator("name")

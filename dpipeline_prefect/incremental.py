@@ -1,4 +1,11 @@
-"""The high-water mark of an incremental pipeline: which input files were already consumed.
+"""The high-water mark of an incremental pipeline: which input was already consumed.
+
+Two kinds of mark (``stream.incremental``): the consumed *files* (below), or, for Parquet
+sources, an *event time*: each run reads the rows whose event time is in ``(mark, hi]``, where
+``hi`` is the largest event time in the source when the run planned (frozen in the state, so a
+redone increment reads the same rows), from every file with row groups skipped by their
+statistics (:func:`max_event_time_after`, :func:`read_event_range`). Rows that arrive later
+with an event time at or before the mark are never read in that mode.
 
 Each stream run reads only the files of the source folder / prefix / glob that earlier runs did
 not consume. The mark is a mapping ``path -> [size, mtime]`` kept inside the stream state
@@ -36,7 +43,8 @@ from .errors import SourceError
 from .sources import EXTENSIONS, list_files
 from .storage import Storage, translate_errors
 
-__all__ = ["NewInput", "find_new_files", "mark_consumed", "read_files"]
+__all__ = ["NewInput", "find_new_files", "mark_consumed", "read_files", "max_event_time_after",
+           "read_event_range"]
 
 log = logging.getLogger("dpipeline_prefect.incremental")
 
@@ -138,3 +146,72 @@ def read_files(cfg: SourceConfig, files: list[dict[str, Any]], storage: Storage 
     if not frames:
         return pd.DataFrame()
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _dataset(cfg: SourceConfig, column: str, storage: Storage):
+    """A pyarrow dataset over the source's files and the event-time field, or None if empty."""
+    import pyarrow.dataset as pads
+
+    try:
+        storage.fs.invalidate_cache()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        paths = list_files(storage, cfg.format)
+    except SourceError:
+        return None, None
+    if not paths:
+        return None, None
+    with translate_errors(storage.url):
+        ds = pads.dataset(paths, filesystem=storage.fs, format="parquet")
+    idx = ds.schema.get_field_index(column)
+    if idx < 0:
+        raise SourceError(f"stream.event_time: column {column!r} is not in the source "
+                          f"{storage.url}; columns are: {', '.join(ds.schema.names)}", path=storage.url)
+    f = ds.schema.field(idx)
+    if not pa.types.is_timestamp(f.type):
+        raise SourceError(f"stream.event_time: column {column!r} is {f.type} in {storage.url}; "
+                          "incremental: event_time needs a timestamp column", path=storage.url)
+    return ds, f
+
+
+def _bound(f: pa.Field, ns: int) -> pa.Scalar:
+    tz = f.type.tz
+    ts = pd.Timestamp(ns, tz="UTC")
+    return pa.scalar(ts if tz else ts.tz_localize(None), type=pa.timestamp("ns", tz)).cast(f.type)
+
+
+def max_event_time_after(cfg: SourceConfig, column: str, after_ns: int | None,
+                         storage: Storage | None = None) -> int | None:
+    """The largest event time (ns, UTC) among source rows past ``after_ns``; None if none."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    storage = storage or Storage(cfg.path, cfg.storage_options)
+    ds, f = _dataset(cfg, column, storage)
+    if ds is None:
+        return None
+    flt = pads.field(column) > _bound(f, after_ns) if after_ns is not None else None
+    with translate_errors(storage.url):
+        col = ds.to_table(columns=[column], filter=flt).column(column)
+    if len(col) == 0 or col.null_count == len(col):
+        return None
+    mx = pc.max(col).as_py()
+    return int(pd.Timestamp(mx).tz_localize("UTC").value if pd.Timestamp(mx).tzinfo is None
+               else pd.Timestamp(mx).value)
+
+
+def read_event_range(cfg: SourceConfig, column: str, lo_ns: int | None, hi_ns: int,
+                     storage: Storage | None = None) -> pd.DataFrame:
+    """Source rows with ``lo_ns < event time <= hi_ns`` (all files, in path order)."""
+    import pyarrow.dataset as pads
+
+    storage = storage or Storage(cfg.path, cfg.storage_options)
+    ds, f = _dataset(cfg, column, storage)
+    if ds is None:
+        return pd.DataFrame()
+    flt = pads.field(column) <= _bound(f, hi_ns)
+    if lo_ns is not None:
+        flt = flt & (pads.field(column) > _bound(f, lo_ns))
+    with translate_errors(storage.url):
+        return ds.to_table(filter=flt).to_pandas()

@@ -3,8 +3,10 @@
 A pipeline with a ``stream:`` section is run again and again (a deployment on an interval
 schedule). Each run:
 
-1. **plans** the increment: the source files not consumed yet (``incremental.py``), frozen in
-   the state as ``pending`` (sequence number ``seq`` + file list) *before* anything is written;
+1. **plans** the increment: the source files not consumed yet (``incremental.py``), or with
+   ``incremental: event_time`` the event-time range ``(mark, max event time in the source now]``,
+   frozen in the state as ``pending`` (sequence number ``seq`` + files or range) *before*
+   anything is written;
 2. reads them, applies the transforms, and splits off **late** events: for tumbling / sliding
    windows an (event, window) pair is late when that window was already emitted (its end is at
    or before the watermark committed by the previous run); for session windows an event is late
@@ -56,7 +58,7 @@ from .checkpoint import CheckpointStore
 from .config import DeadLetterConfig, PipelineConfig, StreamConfig, parse_duration
 from .errors import ConfigError, PipelineChangedError, TerminalError
 from .faults import crashpoint
-from .incremental import find_new_files, mark_consumed, read_files
+from .incremental import find_new_files, mark_consumed, max_event_time_after, read_event_range, read_files
 from .sinks import Sink
 from .storage import Storage
 from .transforms import apply_transforms, load_transforms
@@ -100,6 +102,7 @@ class StreamState:
     consumed: dict[str, list] = field(default_factory=dict)  # path -> [size, mtime]
     max_event_ns: int | None = None
     watermark_ns: int | None = None
+    event_mark_ns: int | None = None  # incremental: event_time - rows up to this were read
     open: pd.DataFrame = field(default_factory=pd.DataFrame)  # partials of windows not emitted
     emitted: pd.DataFrame = field(default_factory=pd.DataFrame)  # late: update - kept emitted partials
     totals: dict[str, int] = field(default_factory=dict)
@@ -109,7 +112,7 @@ class StreamState:
     def to_doc(self) -> dict[str, Any]:
         return {
             "seq": self.seq, "consumed": self.consumed, "max_event_ns": self.max_event_ns,
-            "watermark_ns": self.watermark_ns, "open": _frame_to_b64(self.open) if len(self.open.columns) else None,
+            "watermark_ns": self.watermark_ns, "event_mark_ns": self.event_mark_ns, "open": _frame_to_b64(self.open) if len(self.open.columns) else None,
             "emitted": _frame_to_b64(self.emitted) if len(self.emitted.columns) else None,
             "open_windows": int(len(self.open)), "emitted_kept": int(len(self.emitted)),
             "totals": self.totals, "pending": self.pending, "fingerprints": self.fingerprints,
@@ -120,6 +123,7 @@ class StreamState:
         return cls(
             seq=int(doc.get("seq", 0)), consumed=dict(doc.get("consumed") or {}),
             max_event_ns=doc.get("max_event_ns"), watermark_ns=doc.get("watermark_ns"),
+            event_mark_ns=doc.get("event_mark_ns"),
             open=_frame_from_b64(doc.get("open")), emitted=_frame_from_b64(doc.get("emitted")),
             totals=dict(doc.get("totals") or {}), pending=doc.get("pending"),
             fingerprints=dict(doc.get("fingerprints") or {}),
@@ -286,7 +290,7 @@ def advance(state: StreamState, df: pd.DataFrame, sc: StreamConfig, seq: int) ->
     for k, v in counts.items():
         totals[k] = int(totals.get(k, 0)) + int(v)
     new_state = StreamState(
-        seq=seq, consumed=state.consumed, max_event_ns=max_ns,
+        seq=seq, consumed=state.consumed, max_event_ns=max_ns, event_mark_ns=state.event_mark_ns,
         watermark_ns=w_new if w_new is None or w_prev is None else max(w_prev, w_new),
         open=still_open, emitted=kept if update else pd.DataFrame(), totals=totals, pending=None,
         fingerprints=state.fingerprints,
@@ -410,6 +414,7 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
     if state.pending:
         seq = int(state.pending["seq"])
         files = list(state.pending["files"])
+        pending = dict(state.pending)
         summary["resumed"] = True
         # the interrupted attempt may have published part of this increment: remove it first
         summary["batches_reprocessed"] = sink.remove_uncommitted(OUTPUT_SHARD, seq)
@@ -417,9 +422,14 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
             dlq.remove_uncommitted(LATE_SHARD, seq)
         log.info("resuming increment %d of %s (%d file(s)) after an interrupted run", seq, cfg.name, len(files))
     else:
-        found = find_new_files(cfg.source, state.consumed, sc.max_file_age)
-        summary["files_modified"], summary["files_too_old"] = len(found.modified), found.too_old
-        if not found.files:
+        if sc.incremental == "event_time":
+            # rows past the committed mark, up to the source's max event time now (frozen below)
+            hi = max_event_time_after(cfg.source, sc.event_time, state.event_mark_ns)
+            found = None
+        else:
+            found = find_new_files(cfg.source, state.consumed, sc.max_file_age)
+            summary["files_modified"], summary["files_too_old"] = len(found.modified), found.too_old
+        if (found is None and hi is None) or (found is not None and not found.files):
             summary.update(status="no_new_input", seq=state.seq, watermark=_fmt_ns(state.watermark_ns),
                            max_event_time=_fmt_ns(state.max_event_ns), windows_open=int(len(state.open)),
                            duration_s=round(time.perf_counter() - t0, 3))
@@ -427,12 +437,18 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
         load_transforms(cfg.transforms)  # fail now, before anything is written, if one is missing
         sink.claim(cfg.name)
         seq = state.seq + 1
-        files = found.files
-        state.pending = {"seq": seq, "files": files}
+        files = found.files if found is not None else []
+        pending = {"seq": seq, "files": files}
+        if found is None:
+            pending.update(lo=state.event_mark_ns, hi=hi)
+        state.pending = pending
         store.save_shard(STATE_ID, state.to_doc())
         crashpoint("stream_planned")
 
-    df = read_files(cfg.source, files)
+    if "hi" in pending:
+        df = read_event_range(cfg.source, sc.event_time, pending.get("lo"), int(pending["hi"]))
+    else:
+        df = read_files(cfg.source, files)
     transforms = load_transforms(cfg.transforms)
     if transforms and len(df):
         df = apply_transforms(df, transforms, where=f"stream increment {seq}")
@@ -447,6 +463,8 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
 
     new_state = step.state
     new_state.consumed = mark_consumed(state.consumed, files, sc.max_file_age)
+    if "hi" in pending:
+        new_state.event_mark_ns = int(pending["hi"])
     new_state.fingerprints = fingerprints
     new_doc = new_state.to_doc()
     store.save_shard(STATE_ID, new_doc)
@@ -463,6 +481,7 @@ def run_increment(cfg: PipelineConfig, run_key: str = "default", restart: bool =
         windows_emitted=c["windows_emitted"], windows_reemitted=c["windows_reemitted"],
         windows_open=c["windows_open"], windows_kept=int(len(new_state.emitted)),
         watermark=_fmt_ns(new_state.watermark_ns), max_event_time=_fmt_ns(new_state.max_event_ns),
+        event_mark=_fmt_ns(new_state.event_mark_ns),
         state_bytes=len(checkpoint.encode(new_doc)), bytes_written=written.bytes,
         totals=new_state.totals, duration_s=round(time.perf_counter() - t0, 3),
     )

@@ -407,3 +407,50 @@ def test_sigkill_at_random_moments_between_and_inside_runs(tmp_path, slices):
     assert not got.duplicated([*keys, "_version"]).any()
     latest = got.sort_values("_version").groupby(keys).tail(1)
     assert_windows_equal(latest, groupby_ref(pairs, wms[-1]))
+
+
+def test_event_time_mark_reads_only_rows_past_it_and_survives_a_kill(tmp_path):
+    """incremental: event_time - a Parquet source that grows; each run reads rows past the mark."""
+    df = flights(None).sort_values(["time_hour", "row_id"], kind="stable").iloc[:20_000].reset_index(drop=True)
+    cut = [0, 5_000, 9_000, 14_000, 20_000]
+    cfg = stream_cfg(tmp_path, incremental="event_time")
+    folder = tmp_path / "in"
+    seen_marks, read_rows, resumed = [], [], []
+    ignored = []
+    for i in range(4):
+        part = df.iloc[cut[i]:cut[i + 1]]
+        if i == 2:
+            # rows at or before the mark, arriving late in a new file: never read in this mode
+            old = df.iloc[:300].assign(row_id=lambda d: d["row_id"] + 10_000_000)
+            ignored = old["row_id"].tolist()
+            part = pd.concat([part, old])
+        write_slice(folder, i, part)
+        if i == 1:
+            _killed_run(cfg, "stream_after_write")
+        s = run_increment(parse_config(cfg))
+        seen_marks.append(s["event_mark"])
+        read_rows.append(s["rows_in"])
+        resumed.append((s["resumed"], s["batches_reprocessed"]))
+    assert read_rows[0] == 5_000 and s["status"] == "completed"
+    # the killed increment was redone from its frozen range: its published file replaced
+    assert resumed == [(False, 0), (True, 1), (False, 0), (False, 0)]
+    marks = [pd.Timestamp(m) for m in seen_marks]
+    assert marks == sorted(marks) and marks[-1] == df["time_hour"].max()
+    # reference: the windows over the rows each run could see (time in (previous mark, mark])
+    slices, prev = [], None
+    for i, m in enumerate(marks):
+        src = df.iloc[: cut[i + 1]]  # the rows in the files present at run i (+ ignored old ones)
+        slices.append(src[(src["time_hour"] <= m) & ((src["time_hour"] > prev) if prev is not None else True)])
+        prev = m
+    assert sum(map(len, slices)) == sum(read_rows)
+    wms = watermarks(slices)
+    pairs = explode(slices, pd.Timedelta("1h"))
+    late = late_mask(pairs, wms)
+    assert late.sum() == 0  # nothing behind the mark is read, so nothing is late
+    got = read_windows(tmp_path / "out")
+    assert_windows_equal(got, groupby_ref(pairs, wms[-1]))
+    assert not set(ignored) & set(pairs["row_id"])
+    csv = json.loads(json.dumps(cfg))
+    csv["source"]["format"] = "csv"
+    with pytest.raises(ConfigError, match="stream.incremental: event_time needs"):
+        parse_config(csv)
