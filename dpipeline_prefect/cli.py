@@ -1,5 +1,5 @@
 """The ``dpipeline`` command line: run, backfill, validate, checkpoints ls / gc, dlq ls / show / replay, audit,
-alerts install / ls / remove.
+alerts install / ls / remove, report.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -588,6 +588,30 @@ def alerts_remove(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.
         _fail(e, False)
         return
     out.print(f"removed {len(gone)}: " + (", ".join(gone) if gone else "nothing was installed"))
+
+
+@app.command("report")
+def report_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    run_key: str = typer.Option(..., "--run-key", help="The run key to report on."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="HTML file to write (default: report-<pipeline>-<run key>.html)."),
+) -> None:
+    """Write an HTML report of a run key from its recorded metrics: throughput over time,
+    batch latency histogram, rows per shard."""
+    try:
+        from .config import load_config, validate_run_key
+        from .report import build_report
+
+        cfg = load_config(pipeline)
+        validate_run_key(run_key)
+        page = build_report(cfg, run_key)
+        target = output or Path(f"report-{cfg.name}-{run_key.replace(':', '_')}.html")
+        target.write_text(page, encoding="utf-8")
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    out.print(f"report of {cfg.name} / {run_key} written to {target}")
 
 
 def main() -> None:
