@@ -206,6 +206,37 @@ def _validate_definition(data: Any, origin: str) -> None:
         PipelineConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, origin)) from None
+    literal = _literal_secret(data)
+    if literal:
+        # a block's plain fields are shown in the UI and returned by the API: no credentials here
+        raise ConfigError(
+            f"{origin}: {literal} holds a credential written out; name a storage block "
+            "(block: NAME) or use a ${VAR} reference instead",
+            field=literal,
+        )
+
+
+def _literal_secret(data: Any, where: str = "", in_options: bool = False) -> str | None:
+    """The dotted path of the first secret-looking value written out (not a ``${VAR}``) inside
+    a ``storage_options`` mapping. Other sections are not judged: there ``key`` is a column."""
+    from .config import redact
+
+    if isinstance(data, dict):
+        masked = redact(data) if in_options else {}
+        for k, v in data.items():
+            path = f"{where}.{k}" if where else str(k)
+            if in_options and isinstance(v, str) and masked.get(k) == "***" and v != "***":
+                return path
+            if isinstance(v, (dict, list)):
+                found = _literal_secret(v, path, in_options or k == "storage_options")
+                if found:
+                    return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _literal_secret(v, f"{where}[{i}]", in_options)
+            if found:
+                return found
+    return None
 
 
 # --- resolution where a filesystem is opened -------------------------------------------------

@@ -113,6 +113,16 @@ def test_pipeline_block_validates_and_keeps_references(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         PipelineBlock(definition={"name": "pb", "source": {"path": "x"}, "sink": {"pth": "o"}})
     assert "sink.pth" in str(e.value) and "unknown field" in str(e.value)
+    # a credential written out would be readable in the UI: refused, naming where it is
+    with pytest.raises(ConfigError) as e:
+        PipelineBlock(definition={"name": "pb", "source": {"path": "s3://b/in/", "storage_options": {
+            "key": "${K}", "secret": "wJalrXUtnFEMI", "client_kwargs": {"endpoint_url": "http://h"}}},
+            "sink": {"path": "out/"}})
+    assert "source.storage_options.secret" in str(e.value) and "wJalrXUtnFEMI" not in str(e.value)
+    ok = PipelineBlock(definition={"name": "pb", "sharding": {"strategy": "hash", "key": "carrier"},
+                                   "source": {"path": "x", "storage_options": {"secret": "${S}"}},
+                                   "sink": {"path": "o"}})
+    assert ok.definition["sharding"]["key"] == "carrier"  # a column called key is no credential
     with pytest.raises(ConfigError) as e:
         PipelineBlock.from_yaml(tmp_path / "missing.yaml")
     assert "missing.yaml" in str(e.value)
