@@ -240,6 +240,14 @@ def validate(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.")) -
         check(f"sharding.function {cfg.sharding.function}", lambda: (load_function(cfg.sharding.function, "sharding function"), "")[1])
 
     def src():
+        if cfg.stream is not None:  # an empty or missing folder only means nothing arrived yet
+            from .incremental import find_new_files
+            from .stream import StreamState, state_store
+
+            doc = state_store(cfg).load_shard("state")
+            consumed = StreamState.from_doc(doc).consumed if doc else {}
+            found = find_new_files(cfg.source, consumed, cfg.stream.max_file_age)
+            return f"stream: {len(found.files)} new file(s), {len(consumed)} consumed"
         plan = plan_source(cfg.source)
         return f"{len(plan.files)} file(s), {plan.bytes_total:,} bytes, {len(plan.schema)} columns"
 

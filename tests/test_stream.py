@@ -454,3 +454,43 @@ def test_event_time_mark_reads_only_rows_past_it_and_survives_a_kill(tmp_path):
     csv["source"]["format"] = "csv"
     with pytest.raises(ConfigError, match="stream.incremental: event_time needs"):
         parse_config(csv)
+
+
+def test_file_mark_new_modified_and_max_file_age(tmp_path):
+    from dpipeline_prefect.config import SourceConfig
+    from dpipeline_prefect.incremental import find_new_files, mark_consumed
+
+    src = SourceConfig(path=str(tmp_path / "in"))
+    assert find_new_files(src, {}).files == []  # the folder does not exist yet: no new input
+    day = 86400.0
+    for i, age_days in enumerate([40, 10, 1]):
+        write_slice(tmp_path / "in", i, flights(10))
+        p = tmp_path / "in" / f"slice-{i:03d}.parquet"
+        t = 1_800_000_000 - age_days * day
+        os.utime(p, (t, t))
+    found = find_new_files(src, {})
+    assert [Path(f["path"]).name for f in found.files] == ["slice-000.parquet", "slice-001.parquet", "slice-002.parquet"]
+    mark = mark_consumed({}, found.files[:2])
+    # a consumed file rewritten in place is reported, not read again; the third is new
+    write_slice(tmp_path / "in", 1, flights(20))
+    again = find_new_files(src, mark)
+    assert [Path(f["path"]).name for f in again.files] == ["slice-002.parquet"]
+    assert [Path(p).name for p in again.modified] == ["slice-001.parquet"]
+    # max_file_age: entries older than the newest consumed mtime minus the age are forgotten,
+    # and files that old are not taken for new ones
+    bounded = mark_consumed(mark, again.files, max_file_age="30D")
+    assert sorted(Path(p).name for p in bounded) == ["slice-001.parquet", "slice-002.parquet"]
+    later = find_new_files(src, bounded, max_file_age="30D")
+    assert later.files == [] and later.too_old == 1
+
+
+def test_cli_validate_accepts_a_stream_source_with_nothing_arrived_yet(tmp_path):
+    from .pipeline_helpers import run_cli, write_yaml
+
+    p = write_yaml(tmp_path / "s.yaml", stream_cfg(tmp_path))
+    r = run_cli("validate", str(p))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stream: 0 new file(s), 0 consumed" in r.stdout
+    write_slice(tmp_path / "in", 0, flights(10))
+    r = run_cli("validate", str(p))
+    assert r.returncode == 0 and "stream: 1 new file(s)" in r.stdout, r.stdout + r.stderr
