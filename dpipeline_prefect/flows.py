@@ -183,11 +183,38 @@ def _execute_stream(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[st
         summary["lock_waited_s"] = lock.waited_s
     summary["flow_run_id"] = _flow_run_id()
     summary["duration_s"] = round(time.perf_counter() - t0, 3)
+    _stream_artifact(cfg, summary)
     get_run_logger().info(
         "stream %s increment %s: %s, %d window(s) emitted, %d late row(s), watermark %s",
         cfg.name, summary.get("seq"), summary["status"], summary.get("windows_emitted", 0),
         summary.get("rows_late", 0), summary.get("watermark"))
     return summary
+
+
+def _stream_artifact(cfg: PipelineConfig, summary: dict[str, Any]) -> None:
+    """A markdown artifact ``dpipeline-<name>-stream`` on the flow run: what the increment did."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from .artifacts import artifact_key
+
+    rows = [("increment", summary.get("seq")), ("status", summary.get("status")),
+            ("resumed an interrupted increment", summary.get("resumed")),
+            ("new files", summary.get("files_new")), ("rows in", summary.get("rows_in")),
+            ("windows emitted", summary.get("windows_emitted")),
+            ("windows re-emitted (late: update)", summary.get("windows_reemitted")),
+            ("windows still open", summary.get("windows_open")),
+            (f"late rows ({summary.get('late_rule')})", summary.get("rows_late")),
+            ("late rows dead-lettered", summary.get("rows_dead_letter")),
+            ("rows without event time", summary.get("rows_no_event_time")),
+            ("watermark", summary.get("watermark")), ("max event time", summary.get("max_event_time")),
+            ("state object bytes", summary.get("state_bytes")), ("seconds", summary.get("duration_s"))]
+    md = (f"### {cfg.name}: stream increment {summary.get('seq')}\n\n| | |\n|---|---|\n"
+          + "".join(f"| {k} | {v} |\n" for k, v in rows if v is not None))
+    try:
+        create_markdown_artifact(md, key=artifact_key(cfg.name, "stream"),
+                                 description=f"{cfg.name}: the latest stream increment")
+    except Exception as exc:  # noqa: BLE001 - an artifact must not fail the increment
+        get_run_logger().warning("could not create the stream artifact: %s", exc)
 
 
 def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) -> dict[str, Any]:

@@ -86,4 +86,12 @@ def test_stream_runs_through_the_cli_on_s3_and_survives_a_kill(tmp_path, s3, pre
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             assert sorted(t.name.split("-")[0] + "-" + t.name.split("-")[1] for t in tasks) == ["stream-increment"] * 4
 
+            # each increment left a markdown artifact on its flow run
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"dpipeline-stream-cli-{prefix}-stream"])))
+            assert {str(a.flow_run_id) for a in arts} == {str(i) for i in ids}
+            assert any("windows emitted" in a.data for a in arts)
+
     asyncio.run(check())
