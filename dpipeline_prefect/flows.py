@@ -158,8 +158,21 @@ def _monitored(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, An
         raise
     finally:
         mon.close()
+    if cfg.stream is not None:
+        # an increment has its own artifact (_stream_artifact); the batch metrics record, shard
+        # table and progress artifact do not apply to it, the completion event does
+        from .events import RUN_COMPLETED
+
+        mon.emit(RUN_COMPLETED, {k: summary.get(k) for k in _STREAM_EVENT_KEYS if k in summary})
+        return summary
     mon.completed(summary)  # dpipeline.run.completed (+ dpipeline.degraded)
     return summary
+
+
+_STREAM_EVENT_KEYS = ("status", "mode", "seq", "resumed", "files_new", "rows_in", "rows_out", "windows_emitted",
+                      "windows_reemitted", "windows_open", "rows_late", "late_rule", "rows_dead_letter",
+                      "rows_late_dropped", "late_expired", "rows_no_event_time", "watermark",
+                      "max_event_time", "state_bytes", "bytes_written", "duration_s")
 
 
 def _execute_stream(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:

@@ -44,6 +44,14 @@ def test_prefect_yaml_stream_deployment_runs_the_example(tmp_path, monkeypatch, 
         summaries.append(flow(pipeline_path=pipeline_path, run_key="deploy-test"))
     assert [s["seq"] for s in summaries] == [1, 2] and [s["files_new"] for s in summaries] == [1, 1]
     assert summaries[1]["windows_emitted"] > 0
+    # each increment's completion is a Prefect event carrying the stream figures
+    from .test_events import read_events
+
+    evs = read_events("flights-stream", lambda got: sum(e.event == "dpipeline.run.completed" and
+                                                        e.payload.get("mode") == "stream" for e in got) >= 2)
+    done = sorted((e.payload["seq"], e.payload["windows_emitted"]) for e in evs
+                  if e.event == "dpipeline.run.completed" and e.payload.get("mode") == "stream")
+    assert done[-2:] == [(1, summaries[0]["windows_emitted"]), (2, summaries[1]["windows_emitted"])]
     out = pd.read_parquet(tmp_path / "out" / "flights-stream")
     assert not out.duplicated(["window_start", "origin"]).any()
     assert set(out["origin"].astype(str)) == {"EWR", "JFK", "LGA"}
