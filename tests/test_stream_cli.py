@@ -23,7 +23,7 @@ import s3fs
 from .pipeline_helpers import load_summary, run_cli, write_yaml
 from .test_stream import assert_windows_equal, explode, groupby_ref, late_mask, make_slices, watermarks
 
-pytestmark = [pytest.mark.prefect, pytest.mark.s3]
+pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.slow]
 
 
 def test_stream_runs_through_the_cli_on_s3_and_survives_a_kill(tmp_path, s3, prefect_server):
