@@ -15,6 +15,12 @@ What a caller may rely on:
   copied in from another run, pipeline, shard or generation is refused like a corrupt one.
   The caller's document is kept under its own key (not merged into the envelope) so that no
   field name of the caller can collide with ours.
+* **Optionally encrypted.** With a :class:`crypto.Cipher` the framed object is sealed with
+  AES-256-GCM whose associated data is the object's pipeline, run key, kind, shard and
+  generation: a flipped bit or an object swapped in from elsewhere fails authentication, and is
+  treated like a corrupt generation (fallback below). With a cipher, a plaintext object is
+  refused too (it could have been planted); without one, an encrypted object stops the load
+  with an :class:`EncryptionError` saying to configure the key.
 * **Fallback.** The latest and the previous generation are kept. If the latest is corrupt the
   load falls back to the next older one and logs a warning naming the path; only when every
   generation is corrupt does it raise.
@@ -60,8 +66,10 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DPipelineError,
+    EncryptionError,
     StorageUnavailableError,
 )
+from .crypto import Cipher, DecryptionError, aad, is_encrypted
 from .storage import Storage, atomic_write, translate_errors
 
 try:  # orjson ships with prefect; the stdlib is the fallback, not a second code path to test
@@ -402,7 +410,8 @@ class CheckpointStore:
         3
     """
 
-    def __init__(self, storage: Storage, pipeline: str, run_key: str, prune_every: int = 1) -> None:
+    def __init__(self, storage: Storage, pipeline: str, run_key: str, prune_every: int = 1,
+                 cipher: Cipher | None = None) -> None:
         """
         Args:
             storage: where the checkpoints live.
@@ -412,7 +421,10 @@ class CheckpointStore:
                 request). 1 deletes after every save; a shard saving after every batch uses
                 more, halving its requests on object stores, and calls :meth:`prune` when done.
                 Latest and previous generations are kept whatever the value.
+            cipher: encrypt every object written and require every object read to be
+                encrypted with it (``crypto.cipher_for(cfg.encryption)``); None: plaintext.
         """
+        self.cipher = cipher
         self.prune_every = max(1, int(prune_every))
         self.storage = storage
         self.pipeline = _check_name(pipeline, "pipeline")
@@ -536,10 +548,38 @@ class CheckpointStore:
         out.gens.sort()
         return out
 
+    def _aad(self, shard: str | None, gen: int) -> bytes:
+        """What an encrypted generation is bound to: exactly the key it was saved under."""
+        return aad(what="checkpoint", pipeline=self.pipeline, run_key=self.run_key,
+                   kind="manifest" if shard is None else "shard", shard=shard, generation=gen)
+
+    def _unseal(self, data: bytes, shard: str | None, gen: int, url: str) -> bytes:
+        """The framed plaintext of a stored generation, checking encryption matches the config."""
+        if is_encrypted(data):
+            if self.cipher is None:
+                raise EncryptionError(
+                    f"checkpoint {url} is encrypted but this pipeline has no encryption section: "
+                    "configure encryption.key_env or encryption.key_secret_block with its key",
+                    path=url,
+                )
+            try:
+                return self.cipher.decrypt(data, self._aad(shard, gen), url)
+            except DecryptionError as exc:
+                raise CheckpointCorruptError(f"checkpoint {exc}", path=url) from None
+        if self.cipher is not None:
+            raise CheckpointCorruptError(
+                f"checkpoint {url} is not encrypted although this pipeline encrypts its checkpoints: "
+                "refused (it may have been written before encryption was turned on, or planted); "
+                "run with --restart to start this run key over",
+                path=url,
+            )
+        return data
+
     def _read(self, shard: str | None, gen: int) -> _Loaded:
         """Read and verify one generation. FileNotFoundError passes through."""
         path = self._path(shard, gen)
         data = self.storage.read_bytes(path)
+        data = self._unseal(data, shard, gen, self.storage.unstrip(path))
         env = decode(data, self.storage.unstrip(path))
         expect = {
             "pipeline": self.pipeline,
@@ -647,6 +687,8 @@ class CheckpointStore:
             "doc": doc,
         }
         data = encode(envelope)
+        if self.cipher is not None:
+            data = self.cipher.encrypt(data, self._aad(shard, gen))
         atomic_write(self.storage, self._path(shard, gen), data)
         # The new generation is durable. Keep it and the one it replaces; everything else the
         # store knows of (normally just gen-2, plus any corrupt or leftover generation seen at
@@ -696,7 +738,8 @@ def _scan(storage: Storage, pipeline: str) -> dict[str, _RunListing]:
 
 
 def _summaries(
-    storage: Storage, pipeline: str, runs: dict[str, _RunListing], with_shards: bool
+    storage: Storage, pipeline: str, runs: dict[str, _RunListing], with_shards: bool,
+    cipher: Cipher | None = None,
 ) -> list[tuple[RunInfo, float]]:
     """Read each run's manifest (and, with ``with_shards``, every shard) on one thread pool.
 
@@ -704,7 +747,7 @@ def _summaries(
     through one pool rather than one pool per run, so a run with many shards costs about
     shards / pool-size round trips on S3, not one round trip per shard.
     """
-    stores = {k: CheckpointStore(storage, pipeline, k) for k in runs}
+    stores = {k: CheckpointStore(storage, pipeline, k, cipher=cipher) for k in runs}
     jobs: list[tuple[str, str | None, list[int]]] = []
     for run_key, run in runs.items():
         jobs.append((run_key, None, run.manifest.gens))
@@ -749,18 +792,19 @@ def _summaries(
     return out
 
 
-def list_runs(storage: Storage, pipeline: str) -> list[RunInfo]:
+def list_runs(storage: Storage, pipeline: str, cipher: Cipher | None = None) -> list[RunInfo]:
     """Every run of ``pipeline`` under the checkpoint root, most recently updated first.
 
     One recursive listing, then concurrent reads of each run's manifest and shard documents.
     A run whose manifest is unreadable is listed with status ``"corrupt"`` rather than failing
     the whole listing.
     """
-    infos = _summaries(storage, pipeline, _scan(storage, pipeline), with_shards=True)
+    infos = _summaries(storage, pipeline, _scan(storage, pipeline), with_shards=True, cipher=cipher)
     return [i for i, _ in sorted(infos, key=lambda t: t[1], reverse=True)]
 
 
-def gc(storage: Storage, pipeline: str, keep: int, *, dry_run: bool = False) -> GcReport:
+def gc(storage: Storage, pipeline: str, keep: int, *, dry_run: bool = False,
+       cipher: Cipher | None = None) -> GcReport:
     """Delete checkpoint objects no resume can need.
 
     * Whole runs whose manifest status is ``"completed"``, except the ``keep`` most recently
@@ -777,11 +821,12 @@ def gc(storage: Storage, pipeline: str, keep: int, *, dry_run: bool = False) -> 
         pipeline: Pipeline name.
         keep: How many completed runs to keep (>= 0).
         dry_run: Report what would be deleted without deleting.
+        cipher: The pipeline's cipher when its checkpoints are encrypted (manifests are read).
     """
     if keep < 0:
         raise ConfigError(f"keep must be >= 0, got {keep}", field="keep")
     runs = _scan(storage, pipeline)
-    summaries = _summaries(storage, pipeline, runs, with_shards=False)
+    summaries = _summaries(storage, pipeline, runs, with_shards=False, cipher=cipher)
     report = GcReport()
     completed = sorted(
         ((info, ts) for info, ts in summaries if info.status == "completed"),

@@ -34,6 +34,9 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 def _fail(e: BaseException, verbose: bool) -> None:
     if verbose:
         err.print_exception()
+    from .pipeline import translate_prefect_error
+
+    e = translate_prefect_error(e)  # a 401 from the Prefect API: say which setting to fix
     msg = str(e).strip() or type(e).__name__
     err.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(1)
@@ -278,7 +281,10 @@ def checkpoints_ls(
         from .storage import Storage
 
         cfg = load_config(pipeline)
-        runs = list_runs(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name)
+        from .crypto import cipher_for
+
+        runs = list_runs(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name,
+                         cipher=cipher_for(cfg.encryption))
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return
@@ -321,9 +327,12 @@ def checkpoints_gc(
         from .pipeline import prefect_api
 
         cfg = load_config(pipeline)
+        from .crypto import cipher_for
+
         with prefect_api(), audited("checkpoints-gc", cfg.name, None,
                                     {"keep": keep, "checkpoint": cfg.checkpoint.path}) as rec:
-            report = gc(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, keep)
+            report = gc(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, keep,
+                        cipher=cipher_for(cfg.encryption))
             rec.details.update(asdict(report))
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
@@ -331,9 +340,15 @@ def checkpoints_gc(
     out.print(report)
 
 
-def _dlq_config(pipeline: Path):
-    """Load the pipeline and check it has a dead_letter section; its folder becomes importable."""
-    from .config import load_config
+def _dlq_config(pipeline: Path, run_key: str | None = None):
+    """Load the pipeline and check it has a dead_letter section; its folder becomes importable.
+
+    ``run_key`` is checked first: it becomes a path segment and a lock name.
+    """
+    from .config import load_config, validate_run_key
+
+    if run_key is not None:
+        validate_run_key(run_key)
     from .errors import ConfigError
     from .pipeline import _make_importable
 
@@ -354,7 +369,7 @@ def dlq_ls(
     try:
         from .dead_letter import dead_letter_url, summarize
 
-        cfg = _dlq_config(pipeline)
+        cfg = _dlq_config(pipeline, run_key)
         rows = summarize(cfg, run_key)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
@@ -386,7 +401,7 @@ def dlq_show(
     try:
         from .dead_letter import read_queue
 
-        cfg = _dlq_config(pipeline)
+        cfg = _dlq_config(pipeline, run_key)
         df = read_queue(cfg, run_key, limit=limit, shard=shard)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
@@ -416,7 +431,7 @@ def dlq_replay(
         from .dead_letter import replay
         from .pipeline import prefect_api
 
-        cfg = _dlq_config(pipeline)
+        cfg = _dlq_config(pipeline, run_key)
         with prefect_api(), audited("dlq-replay", cfg.name, run_key, {"sink": cfg.sink.path}) as rec:
             if cfg.lock.enabled:
                 # A replay writes to the run's sink and dead-letter store: it takes the same

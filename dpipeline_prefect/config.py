@@ -40,6 +40,7 @@ __all__ = [
     "WindowConfig",
     "StreamConfig",
     "parse_duration",
+    "EncryptionConfig",
     "load_config",
     "parse_config",
     "validate_run_key",
@@ -170,6 +171,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _tls_checked(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """storage_options: refuse a bad ``tls`` entry or a bare ``verify: false`` (see tls.py)."""
+    from .tls import check_tls_options
+
+    if v:
+        try:
+            check_tls_options(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+    return v
+
+
 class SourceConfig(_Model):
     """Where the input is and how to read it."""
 
@@ -182,6 +195,11 @@ class SourceConfig(_Model):
     @classmethod
     def _block(cls, data: Any) -> Any:
         return _block_into_options(data, "source")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_tls(cls, v: Any) -> Any:
+        return _tls_checked(v)
 
 
 class ShardingConfig(_Model):
@@ -275,6 +293,11 @@ class SinkConfig(_Model):
     def _block(cls, data: Any) -> Any:
         return _block_into_options(data, "sink")
 
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_tls(cls, v: Any) -> Any:
+        return _tls_checked(v)
+
     def resolved_path(self, run_key: str) -> str:
         return self.path.replace("{run_key}", run_key)
 
@@ -285,6 +308,11 @@ class CheckpointConfig(_Model):
     path: str = "./.dpipeline/checkpoints/"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_tls(cls, v: Any) -> Any:
+        return _tls_checked(v)
     per_batch: bool = Field(
         True,
         description="Save progress after every batch (a crashed shard resumes after its last batch). "
@@ -316,6 +344,12 @@ class DeadLetterConfig(_Model):
         None, description="Default: checkpoint.storage_options when path is unset, else {}."
     )
     block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_tls(cls, v: Any) -> Any:
+        return _tls_checked(v)
+
     max_fraction: float = Field(
         0.01,
         ge=0.0,
@@ -323,6 +357,43 @@ class DeadLetterConfig(_Model):
         description="A shard whose rejected rows pass this fraction of its rows fails instead of "
         "draining into the queue.",
     )
+    keep_columns: list[str] | None = Field(
+        None,
+        description="Keep only these source columns of a rejected row (plus hash_columns and the "
+        "_dlq_* columns). Redacted queues cannot be replayed.",
+    )
+    hash_columns: list[str] = Field(
+        default_factory=list,
+        description="Store these columns as the hex sha256 of their value instead of the value "
+        "(lets you match rows without keeping them). Redacted queues cannot be replayed.",
+    )
+
+    @property
+    def redacts(self) -> bool:
+        """True when dead rows are stored incomplete (keep_columns or hash_columns)."""
+        return self.keep_columns is not None or bool(self.hash_columns)
+
+
+class EncryptionConfig(_Model):
+    """Client-side AES-256-GCM encryption of checkpoints and dead-letter files (``crypto.py``).
+
+    Give exactly one key source. The key itself never appears in the pipeline definition.
+    """
+
+    key_env: str | None = Field(
+        None, description="Environment variable holding the 256-bit key (base64 or 64 hex digits)."
+    )
+    key_secret_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the key (base64 or 64 hex digits)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncryptionConfig":
+        if (self.key_env is None) == (self.key_secret_block is None):
+            raise ValueError("give exactly one of encryption.key_env or encryption.key_secret_block")
+        if self.key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.key_env):
+            raise ValueError(f"encryption.key_env {self.key_env!r} is not an environment variable name")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -617,6 +688,9 @@ class PipelineConfig(_Model):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     dead_letter: DeadLetterConfig | None = Field(
         None, description="Isolate rejected rows into a dead-letter store (off when absent)."
+    )
+    encryption: EncryptionConfig | None = Field(
+        None, description="Encrypt checkpoints and dead-letter files client-side (off when absent)."
     )
     limits: dict[str, LimitConfig] = Field(
         default_factory=dict,

@@ -30,6 +30,12 @@ Exactly-once, as for the sink (``sinks.py``):
   round under the same names; after it, the round is never redone. Replaying again adds
   nothing: a file whose rows all fail again is left as it is.
 
+At rest: with an ``encryption`` section every dead-letter file is AES-256-GCM encrypted
+(``crypto.py``), bound to its pipeline, run key and file name, and a plaintext file where an
+encrypted one belongs is refused. ``dead_letter.keep_columns`` / ``hash_columns`` store only
+chosen columns, or the sha256 of chosen columns, instead of whole rows; such a queue is marked
+redacted in each file's metadata and cannot be replayed (its rows are incomplete).
+
 Limit: past ``dead_letter.max_fraction`` of a shard's rows the shard fails with
 :class:`DeadLetterLimitError` naming the shard and the fraction, before anything of the
 offending batch is written.
@@ -37,6 +43,7 @@ offending batch is written.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -51,16 +58,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig
+from .config import DeadLetterConfig, PipelineConfig, validate_run_key
 from .errors import (
     CheckpointError,
     ConfigError,
     DPipelineError,
+    EncryptionError,
     SourceError,
     StorageError,
     TerminalError,
     TransformError,
 )
+from .crypto import aad, cipher_for, is_encrypted
 from .storage import Storage, join
 
 __all__ = [
@@ -84,6 +93,15 @@ META_COLUMNS = [
 ]
 _FILE_RE = re.compile(r"^part-(?P<shard>[A-Za-z0-9]+)-(?P<seq>\d{6,})(?:-r(?P<round>\d{3,}))?\.parquet$")
 _STATE_DIR = "_replay"
+_SHARD_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+
+
+def _check_shard_id(shard: str) -> str:
+    """Shard ids become file names: letters and digits only (what the pipeline generates)."""
+    if not isinstance(shard, str) or not _SHARD_ID_RE.fullmatch(shard):
+        raise ConfigError(f"shard id {shard!r} cannot be used in a file name: use 1-64 letters "
+                          "and digits", field="shard_id")
+    return shard
 _MAX_MESSAGE = 2000  # an error message per row; a traceback-sized one would bloat the file
 
 
@@ -106,6 +124,7 @@ def dead_letter_url(cfg: PipelineConfig, run_key: str) -> tuple[str, dict[str, A
     dl = cfg.dead_letter
     if dl is None:
         raise ConfigError("this pipeline has no dead_letter section", field="dead_letter")
+    validate_run_key(run_key)  # a path segment: never '..', '/', NUL or absurdly long
     if dl.path is None:
         opts = dl.storage_options if dl.storage_options is not None else cfg.checkpoint.storage_options
         return join(cfg.checkpoint.path, f"{cfg.name}.dead_letter", run_key), dict(opts)
@@ -231,10 +250,16 @@ class DeadLetterStore:
         url, opts = dead_letter_url(cfg, run_key)
         self.cfg = cfg
         self.run_key = run_key
-        self.storage = Storage(url, opts)
+        self.storage = Storage(url, opts, role="dead_letter")
+        self.cipher = cipher_for(cfg.encryption)
+
+    def _aad(self, path: str) -> bytes:
+        return aad(what="dead_letter", pipeline=self.cfg.name, run_key=self.run_key,
+                   file=path.rsplit("/", 1)[-1])
 
     @staticmethod
     def file_name(shard: str, seq: int, round: int = 0) -> str:
+        _check_shard_id(shard)
         return f"part-{shard}-{seq:06d}" + (f"-r{round:03d}" if round else "") + ".parquet"
 
     def write(self, shard: str, seq: int, table: pa.Table, round: int = 0) -> str:
@@ -242,7 +267,10 @@ class DeadLetterStore:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         path = self.storage.path(self.file_name(shard, seq, round))
-        self.storage.write_bytes(path, buf.getvalue())
+        data = buf.getvalue()
+        if self.cipher is not None:
+            data = self.cipher.encrypt(data, self._aad(path))
+        self.storage.write_bytes(path, data)
         return path
 
     def files(self) -> list[tuple[str, str, int, int]]:
@@ -313,8 +341,22 @@ class DeadLetterStore:
         return entries, garbage
 
     def read(self, path: str) -> pa.Table:
-        with self.storage.open(path, "rb") as f:
-            return pq.read_table(f)
+        """One dead-letter file as a table (decrypted and authenticated when encryption is on)."""
+        data = self.storage.read_bytes(path)
+        url = self.storage.unstrip(path)
+        if is_encrypted(data):
+            if self.cipher is None:
+                raise EncryptionError(
+                    f"dead-letter file {url} is encrypted but this pipeline has no encryption "
+                    "section: configure encryption.key_env or encryption.key_secret_block",
+                    path=url,
+                )
+            data = self.cipher.decrypt(data, self._aad(path), url)
+        elif self.cipher is not None:
+            raise EncryptionError(
+                f"dead-letter file {url} is not encrypted although this pipeline encrypts its "
+                "dead letters: refused", path=url)
+        return pq.read_table(io.BytesIO(data))
 
 
 # --------------------------------------------------------------------------- the data path
@@ -343,6 +385,51 @@ def _dead_table(df: pd.DataFrame, dead: list[tuple[int, BaseException, str]], sc
             raise ConfigError(f"source column {name!r} clashes with a dead-letter column", field="dead_letter")
         table = table.append_column(name, arr)
     return table
+
+
+_REDACTED_KEY = b"dpipeline.redacted"
+
+
+def _sha256_column(col: pa.ChunkedArray) -> pa.Array:
+    """Hex sha256 of each value's text form (nulls stay null)."""
+    out = []
+    for v in col.to_pylist():
+        out.append(None if v is None else hashlib.sha256(str(v).encode()).hexdigest())
+    return pa.array(out, pa.string())
+
+
+def redact_table(table: pa.Table, dl: DeadLetterConfig) -> pa.Table:
+    """Apply ``dead_letter.keep_columns`` / ``hash_columns`` to a dead-letter table.
+
+    Source columns not kept are dropped; hashed columns hold ``sha256(str(value))`` in hex.
+    ``_dlq_*`` columns always stay. The file is marked redacted in its schema metadata, so
+    replay refuses it. Raises ConfigError naming a configured column the source lacks.
+    """
+    if not dl.redacts:
+        return table
+    names = [n for n in table.column_names if n not in META_COLUMNS]
+    for field_name, cols in (("keep_columns", dl.keep_columns or []), ("hash_columns", dl.hash_columns)):
+        for c in cols:
+            if c not in names:
+                raise ConfigError(
+                    f"dead_letter.{field_name}: column {c!r} is not a source column "
+                    f"(columns: {', '.join(names)})", field=f"dead_letter.{field_name}", key=c)
+    keep = set(dl.keep_columns) if dl.keep_columns is not None else set(names)
+    keep |= set(dl.hash_columns)
+    drop = [n for n in names if n not in keep]
+    table = table.drop_columns(drop) if drop else table
+    for c in dl.hash_columns:
+        i = table.schema.get_field_index(c)
+        table = table.set_column(i, c, _sha256_column(table.column(c)))
+    meta = dict(table.schema.metadata or {})
+    meta[_REDACTED_KEY] = json.dumps(
+        {"keep_columns": dl.keep_columns, "hash_columns": dl.hash_columns}).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def is_redacted(table: pa.Table) -> bool:
+    """True when a dead-letter table was stored with columns dropped or hashed."""
+    return _REDACTED_KEY in (table.schema.metadata or {})
 
 
 class DeadLetters:
@@ -446,6 +533,7 @@ class DeadLetters:
         if self.limit is not None and total > self.limit:
             raise self._over(total, self.shard_rows, dead[0][1])
         table = _dead_table(df, dead, self.schema, self.shard, seq, row_offset, self.attempt)
+        table = redact_table(table, self.store.cfg.dead_letter)
         self.store.write(self.shard, seq, table)
         log.info("shard %s batch %d: %d row(s) to the dead-letter store", self.label, seq, len(dead))
         return len(dead)
@@ -500,7 +588,8 @@ def replay(cfg: PipelineConfig, run_key: str) -> ReplayReport:
     t0 = time.perf_counter()
     rep = ReplayReport()
     store = DeadLetterStore(cfg, run_key)
-    ckpt = CheckpointStore(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, run_key)
+    ckpt = CheckpointStore(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, run_key,
+                           cipher=cipher_for(cfg.encryption))
     manifest = ckpt.load_manifest()
     if manifest is None:
         raise CheckpointError(f"run key {run_key!r} of {cfg.name} has no checkpoints: nothing to replay")
@@ -526,6 +615,11 @@ def replay(cfg: PipelineConfig, run_key: str) -> ReplayReport:
         rnd = e.round + 1
         rid = f"{e.shard}r{rnd:03d}"
         table = store.read(e.path)
+        if is_redacted(table):
+            raise ConfigError(
+                f"dead-letter file {store.storage.unstrip(e.path)} was stored with "
+                "dead_letter.keep_columns / hash_columns: its rows are incomplete and cannot be "
+                "replayed", field="dead_letter", path=store.storage.unstrip(e.path))
         meta = table.select([c for c in META_COLUMNS if c in table.column_names]).to_pandas()
         rows = table.select(schema.names).replace_schema_metadata(schema.metadata)
         df = rows.to_pandas()
@@ -556,7 +650,7 @@ def replay(cfg: PipelineConfig, run_key: str) -> ReplayReport:
             # keep each row's position in its shard stream from the first failure
             tbl = tbl.set_column(tbl.schema.get_field_index("_dlq_row"), "_dlq_row",
                                  pa.array(meta["_dlq_row"].iloc[sorted(p for p, _, _ in dead)].to_numpy(), pa.int64()))
-            store.write(e.shard, e.seq, tbl, round=rnd)
+            store.write(e.shard, e.seq, redact_table(tbl, cfg.dead_letter), round=rnd)
         w = sink.write_batch(rid, e.seq, out)
         state = {
             "round": rnd,

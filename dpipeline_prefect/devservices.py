@@ -373,9 +373,14 @@ class SeaweedFS(_Service):
         secret: Its secret key; generated if omitted.
         weed: Path to the ``weed`` binary; default: the venv's bin, then PATH.
         startup_timeout: Seconds to wait for the S3 endpoint to answer.
+        tls: Also serve S3 over https on its own port, with a certificate for 127.0.0.1
+            signed by a throw-away CA made in ``data_dir/tls`` (``tls.make_certificates``).
+            ``ca_file`` is that CA; ``https_endpoint_url`` the endpoint.
 
     Attributes:
         endpoint_url: ``http://127.0.0.1:<port>``, the S3 endpoint.
+        https_endpoint_url: ``https://127.0.0.1:<port>`` when ``tls`` (else None).
+        ca_file: The CA certificate (PEM) that signed the https certificate, when ``tls``.
         key, secret: Credentials of the default identity.
         ports: Every port handed to ``weed mini`` (name -> port).
     """
@@ -392,8 +397,11 @@ class SeaweedFS(_Service):
         secret: str | None = None,
         weed: str | None = None,
         startup_timeout: float = 60.0,
+        tls: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        self.tls = tls
+        self.tls_files: dict[str, Path] = {}
         super().__init__(self.data_dir / "weed.log")
         self.buckets = list(buckets)
         self.key = key or "dp" + secrets.token_hex(8)
@@ -449,6 +457,8 @@ class SeaweedFS(_Service):
             self.ports[comp + ".grpc"] = base + _GRPC_OFFSET
         # metrics are bound only when asked for; naming a port of ours keeps it predictable
         self.ports["metrics"] = free_port()
+        if self.tls:
+            self.ports["s3.https"] = free_port()
 
     @property
     def endpoint_url(self) -> str:
@@ -456,6 +466,20 @@ class SeaweedFS(_Service):
         if not self.ports:
             self._new_ports()
         return f"http://{_HOST}:{self.ports['s3']}"
+
+    @property
+    def https_endpoint_url(self) -> str | None:
+        """The S3 endpoint over TLS (``tls=True``), else None."""
+        if not self.tls:
+            return None
+        if not self.ports:
+            self._new_ports()
+        return f"https://{_HOST}:{self.ports['s3.https']}"
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA (PEM) that signed the https certificate (``tls=True``), else None."""
+        return str(self.tls_files["ca"]) if self.tls_files else None
 
     def _write_identities(self) -> Path:
         path = self.data_dir / "s3-identities.json"
@@ -496,9 +520,22 @@ class SeaweedFS(_Service):
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
+        if self.tls:
+            self._ensure_certs()
+            args += [
+                f"-s3.cert.file={self.tls_files['cert']}",
+                f"-s3.key.file={self.tls_files['key']}",
+                f"-s3.port.https={p['s3.https']}",
+            ]
         if self.buckets:
             args.append("-bucket=" + ",".join(self.buckets))
         return args
+
+    def _ensure_certs(self) -> None:
+        if self.tls and not self.tls_files:
+            from .tls import make_certificates
+
+            self.tls_files = make_certificates(self.data_dir / "tls", ip=_HOST)
 
     def _secrets(self) -> tuple[str, ...]:
         out = []
@@ -560,11 +597,12 @@ class SeaweedFS(_Service):
                 except OSError:
                     pass
 
-    def storage_options(self, identity: str | None = None) -> dict[str, Any]:
+    def storage_options(self, identity: str | None = None, https: bool = False) -> dict[str, Any]:
         """fsspec / s3fs ``storage_options`` for this server.
 
         Args:
             identity: Name of an identity passed in ``identities``; default the admin one.
+            https: Use the https endpoint, trusting :attr:`ca_file` (``tls`` entry, see tls.py).
 
         Returns:
             ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``.
@@ -578,6 +616,13 @@ class SeaweedFS(_Service):
                     break
             else:
                 raise KeyError(f"no identity named {identity!r}")
+        if https:
+            if not self.tls:
+                raise ValueError("this SeaweedFS was not started with tls=True")
+            self._ensure_certs()
+            return {"key": key, "secret": secret,
+                    "client_kwargs": {"endpoint_url": self.https_endpoint_url},
+                    "tls": {"ca_bundle": self.ca_file}}
         return {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": self.endpoint_url}}
 
 

@@ -34,6 +34,9 @@ __all__ = [
     "CheckpointCorruptError",
     "PipelineChangedError",
     "RunLockedError",
+    "EncryptionError",
+    "StorageTLSError",
+    "PrefectAuthError",
 ]
 
 
@@ -108,6 +111,10 @@ class StoragePermissionError(StorageError, TerminalError):
     """Credentials were refused or lack a permission (``path``)."""
 
 
+class StorageTLSError(StorageError, TerminalError):
+    """The storage endpoint's TLS certificate could not be verified (``path``); not retried."""
+
+
 class StorageUnavailableError(StorageError, TransientError):
     """The storage endpoint could not be reached or answered with a server error."""
 
@@ -126,3 +133,11 @@ class PipelineChangedError(TerminalError):
 
 class RunLockedError(TerminalError):
     """Another run of the same pipeline and run key holds the lock."""
+
+
+class EncryptionError(TerminalError):
+    """An encrypted object cannot be read, or encryption is misconfigured (``path``)."""
+
+
+class PrefectAuthError(TerminalError):
+    """The Prefect API refused this client's credentials (a missing or wrong auth string)."""

@@ -24,6 +24,7 @@ from . import degrade, limits, logs, progress
 from .audit import audited
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
+from .crypto import cipher_for
 from .faults import crashpoint
 from .locks import RunLock
 from .monitor import RunMonitor
@@ -56,15 +57,16 @@ def _task_options(cfg: PipelineConfig) -> dict[str, Any]:
       retry_condition_fn=_retry_transient, task_run_name="shuffle-{split}")
 def shuffle_task(ctx: RunContext, split: int, file: dict) -> dict:
     cfg = ctx.cfg
-    source = cached_storage(cfg.source.path, cfg.source.storage_options)
-    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options)
-    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
+    source = cached_storage(cfg.source.path, cfg.source.storage_options, "source")
+    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options, "checkpoint")
+    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options, "checkpoint")
     res = run_map(split, InputFile.from_dict(file), source, cfg.source.format,
                   schema_from_b64(ctx.schema_b64), Sharder(cfg.sharding), work)
     doc = {"done": True, "outputs": res.outputs, "sizes": res.sizes, "labels": res.labels,
            "rows_in": res.rows_in,
            "bytes_read": res.bytes_read}
-    CheckpointStore(ckpt, cfg.name, ctx.run_key).save_shard(f"m{split:05d}", doc)
+    CheckpointStore(ckpt, cfg.name, ctx.run_key, cipher=cipher_for(cfg.encryption)).save_shard(
+        f"m{split:05d}", doc)
     return {**doc, "split": split}
 
 
@@ -234,8 +236,8 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) 
     logger = logs.run_logger(cfg.name, run_key)
     t0 = time.perf_counter()
     started = time.time()  # breaker transitions from this moment on are this run's (degrade.py)
-    ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
-    store = CheckpointStore(ckpt_storage, cfg.name, run_key)
+    ckpt_storage = Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options, role="checkpoint")
+    store = CheckpointStore(ckpt_storage, cfg.name, run_key, cipher=cipher_for(cfg.encryption))
     sink = Sink(cfg.sink, run_key)
     work_url = join(cfg.checkpoint.path, cfg.name, run_key, "work")
     fingerprints = cfg.fingerprints()

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import PipelineConfig, load_config, parse_config
 
-__all__ = ["Pipeline", "run_pipeline", "prefect_api"]
+__all__ = ["Pipeline", "run_pipeline", "prefect_api", "check_prefect_auth", "translate_prefect_error"]
 
 
 class Pipeline:
@@ -45,6 +45,15 @@ class Pipeline:
         the run fails; re-running the same run key resumes from the checkpoints.
         """
         _make_importable(self.base_dir)
+        try:
+            return self._run(run_key, restart)
+        except Exception as exc:
+            ours = translate_prefect_error(exc)
+            if ours is exc:
+                raise
+            raise ours from None
+
+    def _run(self, run_key: str, restart: bool) -> dict[str, Any]:
         runner = self.config.runner
         if runner.kind == "dask" and not runner.address and self.config.stream is None:
             # Start the workers now: they import what shards need while this process imports
@@ -123,6 +132,7 @@ def prefect_api() -> Iterator[str]:
 
     url = PREFECT_API_URL.value()
     if url:
+        check_prefect_auth(url)
         yield url
         return
     from prefect.server.api.server import SubprocessASGIServer
@@ -132,3 +142,65 @@ def prefect_api() -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = server.api_url
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+def _auth_hint(url: str) -> str:
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    if PREFECT_API_AUTH_STRING.value():
+        return (f"the Prefect API at {url} refused this client's credentials (401 Unauthorized): "
+                "PREFECT_API_AUTH_STRING does not match the server's PREFECT_SERVER_API_AUTH_STRING")
+    return (f"the Prefect API at {url} requires authentication (401 Unauthorized): set "
+            "PREFECT_API_AUTH_STRING to the server's auth string (user:password) in the environment "
+            "or the Prefect profile")
+
+
+def check_prefect_auth(url: str, timeout: float = 10.0) -> None:
+    """Fail fast, with one clear message, when the Prefect API refuses this client.
+
+    One ``GET /admin/version`` with the client's own credentials (``PREFECT_API_AUTH_STRING``,
+    Prefect's basic auth for self-hosted servers, or ``PREFECT_API_KEY``). A 401/403 raises
+    :class:`~dpipeline_prefect.errors.PrefectAuthError`; anything else (an unreachable server
+    included) is left to the normal path. The auth string is exported to the environment so
+    local Dask worker processes authenticate too; it never appears in a message.
+    """
+    import base64
+
+    import httpx
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    from .errors import PrefectAuthError
+
+    auth = PREFECT_API_AUTH_STRING.value()
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        os.environ.setdefault("PREFECT_API_AUTH_STRING", auth)  # for worker processes
+    elif PREFECT_API_KEY.value():
+        headers["Authorization"] = f"Bearer {PREFECT_API_KEY.value()}"
+    try:
+        resp = httpx.get(url.rstrip("/") + "/admin/version", headers=headers, timeout=timeout)
+    except httpx.HTTPError:
+        return
+    if resp.status_code in (401, 403):
+        raise PrefectAuthError(_auth_hint(url), url=url, status=resp.status_code)
+
+
+def translate_prefect_error(exc: BaseException) -> BaseException:
+    """A Prefect client 401/403 as :class:`~dpipeline_prefect.errors.PrefectAuthError`; else ``exc``."""
+    from .errors import PrefectAuthError
+
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, PrefectAuthError):
+            return e
+        response = getattr(e, "response", None)
+        status = getattr(response, "status_code", None)
+        if status in (401, 403) and type(e).__name__ in ("PrefectHTTPStatusError", "HTTPStatusError"):
+            url = str(getattr(getattr(e, "request", None), "url", "") or "")
+            base = url.split("/api/", 1)[0] + "/api" if "/api/" in url else url
+            return PrefectAuthError(_auth_hint(base or "(configured)"), status=status)
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return exc

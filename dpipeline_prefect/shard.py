@@ -33,6 +33,7 @@ from .batching import batches
 from .breaker import BreakerOpenError, State, use_registry
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
 from .config import PipelineConfig
+from .crypto import cipher_for
 from .dead_letter import DeadLetters, is_row_error
 from .degrade import SINK, SlotStats, degraded_slot, run_registry
 from .errors import TerminalError
@@ -106,9 +107,9 @@ class ShardResult:
 
 def _storages(ctx: RunContext) -> tuple[Storage, Storage, Storage]:
     cfg = ctx.cfg
-    source = cached_storage(cfg.source.path, cfg.source.storage_options)
-    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options)
-    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options)
+    source = cached_storage(cfg.source.path, cfg.source.storage_options, "source")
+    ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options, "checkpoint")
+    work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options, "checkpoint")
     return source, ckpt, work
 
 
@@ -153,7 +154,8 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     source, ckpt_storage, work = _storages(ctx)
     # Batch saves delete superseded generations 16 at a time (one request), and prune() at the
     # end leaves the usual latest + previous: on S3 that halves the requests per batch.
-    store = CheckpointStore(ckpt_storage, cfg.name, ctx.run_key, prune_every=16)
+    store = CheckpointStore(ckpt_storage, cfg.name, ctx.run_key, prune_every=16,
+                            cipher=cipher_for(cfg.encryption))
     state = store.load_shard(spec.id) or {}
     res = ShardResult(spec.id, spec.label)
     if state.get("done"):

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .config import SinkConfig
+from .config import SinkConfig, validate_run_key
 from .errors import ConfigError, TerminalError
 from .storage import Storage, translate_errors
 
@@ -39,6 +39,10 @@ __all__ = ["Sink", "WriteResult", "MARKER"]
 MARKER = "_dpipeline.json"
 _NAME_RE = re.compile(r"^part-(?P<shard>[A-Za-z0-9]+)-(?P<seq>\d{6,})\.(?:parquet|csv|jsonl)$")
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+_SHARD_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+# A partition folder name ("col=value", percent-encoded) must fit one path segment everywhere:
+# local file systems allow 255 bytes per name, and S3 keys 1024 in all.
+_MAX_SEGMENT = 255
 
 
 @dataclass
@@ -53,12 +57,17 @@ class Sink:
 
     def __init__(self, cfg: SinkConfig, run_key: str, storage: Storage | None = None) -> None:
         self.cfg = cfg
-        self.run_key = run_key
-        self.storage = storage or Storage(cfg.resolved_path(run_key), cfg.storage_options)
+        self.run_key = validate_run_key(run_key)  # it may become a path segment ({run_key})
+        self.storage = storage or Storage(cfg.resolved_path(run_key), cfg.storage_options, role="sink")
         self.ext = cfg.format
 
     # -- writing -----------------------------------------------------------------------------
     def file_name(self, shard_id: str, seq: int) -> str:
+        if not isinstance(shard_id, str) or not _SHARD_ID_RE.fullmatch(shard_id):
+            # generated ids are letters and digits; anything else (a '/', '..', NUL) is refused
+            # rather than allowed to become part of a path
+            raise ConfigError(f"shard id {shard_id!r} cannot be used in an output file name: use "
+                              "1-64 letters and digits", field="shard_id")
         return f"part-{shard_id}-{seq:06d}.{self.ext}"
 
     def _encode(self, table: pa.Table) -> bytes:
@@ -92,7 +101,14 @@ class Sink:
             by_dir: dict[str, list[pd.DataFrame]] = {}
             for values, part in df.groupby(parts, dropna=False, sort=True, observed=True):
                 values = values if isinstance(values, tuple) else (values,)
-                dirs = "/".join(f"{quote(str(c), safe='')}={_encode_value(v)}" for c, v in zip(parts, values))
+                segs = [f"{quote(str(c), safe='')}={_encode_value(v)}" for c, v in zip(parts, values)]
+                for c, seg in zip(parts, segs):
+                    if len(seg.encode()) > _MAX_SEGMENT:
+                        raise TerminalError(
+                            f"sink.partition_by column {c!r} has a value whose folder name would be "
+                            f"{len(seg.encode())} bytes (percent-encoded); at most {_MAX_SEGMENT} fit "
+                            "one path segment: partition by a shorter column", field="sink.partition_by")
+                dirs = "/".join(segs)
                 by_dir.setdefault(dirs, []).append(part)
             for dirs, frames in by_dir.items():
                 part = frames[0] if len(frames) == 1 else pd.concat(frames)

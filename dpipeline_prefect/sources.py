@@ -98,7 +98,7 @@ def list_files(storage: Storage, fmt: str) -> list[str]:
     """Every input file under the source URL: a file, a folder (recursive) or a glob."""
     fs, root = storage.fs, storage.root
     exts = EXTENSIONS[fmt]
-    with translate_errors(storage.url):
+    with translate_errors(storage.url, op="list", role=getattr(storage, "role", None)):
         if any(c in root for c in _GLOB_CHARS):
             # Hidden parts are judged below the pattern's fixed prefix, so '**' does not pick
             # up _staging/ or .cache/ folders, while a pattern that names one still works.
@@ -126,11 +126,13 @@ def list_files(storage: Storage, fmt: str) -> list[str]:
 
 
 def _parquet_meta(storage: Storage, path: str) -> tuple[InputFile, pa.Schema]:
-    with translate_errors(path):
+    with translate_errors(path, op="read", role=getattr(storage, "role", None)):
         size = storage.fs.size(path)
         with storage.fs.open(path, "rb") as f:
             try:
                 md = pq.ParquetFile(f).metadata
+            except PermissionError:
+                raise  # access denied is about credentials, not the file: translated above
             except (pa.ArrowInvalid, OSError) as e:
                 raise SourceError(
                     f"{storage.unstrip(path)}: not a readable Parquet file ({e})", path=path
@@ -164,7 +166,7 @@ def _compare(first: pa.Schema, first_path: str, other: pa.Schema, other_path: st
 
 
 def _infer_text_schema(storage: Storage, path: str, fmt: str) -> pa.Schema:
-    with translate_errors(path), storage.fs.open(path, "rb", compression="infer") as f:
+    with translate_errors(path, op="read", role=getattr(storage, "role", None)), storage.fs.open(path, "rb", compression="infer") as f:
         head = f.read(1 << 20)
     # Cut at the last full line so the sample never ends mid-row.
     cut = head.rfind(b"\n")
@@ -185,7 +187,7 @@ def _infer_text_schema(storage: Storage, path: str, fmt: str) -> pa.Schema:
 
 
 def _text_header(storage: Storage, path: str, fmt: str) -> list[str]:
-    with translate_errors(path), storage.fs.open(path, "rb", compression="infer") as f:
+    with translate_errors(path, op="read", role=getattr(storage, "role", None)), storage.fs.open(path, "rb", compression="infer") as f:
         line = f.readline()
     if fmt == "csv":
         return [c.strip().strip('"') for c in line.decode("utf-8", "replace").rstrip("\r\n").split(",")]
@@ -202,7 +204,7 @@ def _text_header(storage: Storage, path: str, fmt: str) -> list[str]:
 
 def plan_source(cfg: SourceConfig, storage: Storage | None = None) -> SourcePlan:
     """List the input, read its metadata once, and check that every file has the same schema."""
-    storage = storage or Storage(cfg.path, cfg.storage_options)
+    storage = storage or Storage(cfg.path, cfg.storage_options, role="source")
     paths = list_files(storage, cfg.format)
     if not paths:
         return SourcePlan([], pa.schema([]), 0)
@@ -262,7 +264,7 @@ def read_batches(
             first_rg += 1
         if rg_rows and first_rg >= len(rg_rows):
             return
-        with translate_errors(path), storage.fs.open(path, "rb") as f:
+        with translate_errors(path, op="read", role=getattr(storage, "role", None)), storage.fs.open(path, "rb") as f:
             # pre_buffer coalesces reads: worth it on object stores, only memory on local disk
             pf = pq.ParquetFile(f, pre_buffer=not storage.is_local)
             groups = list(range(first_rg, pf.metadata.num_row_groups))
@@ -272,7 +274,7 @@ def read_batches(
                     b = _conform(b, schema, storage, path)
                 yield b
         return
-    with translate_errors(path), storage.fs.open(path, "rb", compression="infer") as f:
+    with translate_errors(path, op="read", role=getattr(storage, "role", None)), storage.fs.open(path, "rb", compression="infer") as f:
         try:
             if fmt == "csv":
                 reader = pacsv.open_csv(

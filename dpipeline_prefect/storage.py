@@ -8,7 +8,9 @@ What this adds on top of fsspec, and why:
 * :func:`atomic_write` - readers never see half an object. On object stores a PUT is atomic;
   on local disk we write a temporary sibling and ``os.replace`` it.
 * :func:`translate_errors` - botocore / s3fs / OS errors become our errors with the path named
-  and no credential in the text.
+  and no credential in the text. A TLS certificate failure is terminal
+  (:class:`StorageTLSError`, naming the endpoint and "certificate verify failed"), not retried.
+* ``storage_options.tls`` (``ca_bundle`` / ``insecure``) is applied here (``tls.py``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from .errors import (
     SourceError,
     StorageError,
     StoragePermissionError,
+    StorageTLSError,
     StorageUnavailableError,
 )
+from .tls import apply_tls
 
 __all__ = ["Storage", "open_storage", "atomic_write", "translate_errors", "join"]
 
@@ -52,15 +56,26 @@ class Storage:
     ``root`` is the path in the filesystem's own form (no protocol for s3fs: ``bucket/key``).
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 role: str | None = None) -> None:
+        """
+        Args:
+            url: Root URL or local path.
+            storage_options: fsspec options; ``${VAR}`` resolved here, ``tls`` applied (tls.py).
+            role: What this storage is to the pipeline (``source``, ``sink``, ``checkpoint``,
+                ``dead_letter``); named in error messages, so a refused permission says whose
+                credentials to check.
+        """
         self.url = url
+        self.role = role
         self._options = dict(storage_options or {})
-        with translate_errors(url):
+        with translate_errors(url, role=role):
             options = expand_env(self._options, "storage_options")
             if "block" in options:  # ``block: NAME``: endpoint and credentials from a Prefect block
                 from .blocks import resolve_storage
 
                 url, options = resolve_storage(url, options)
+            options = apply_tls(url, options)
             self.fs, root = url_to_fs(url, **options)
         self.root = root.rstrip("/") if root not in ("/",) else root
         protocol = self.fs.protocol
@@ -69,7 +84,10 @@ class Storage:
 
     # picklable: rebuilt (and env re-read) in the worker process
     def __reduce__(self):
-        return (Storage, (self.url, self._options))
+        return (Storage, (self.url, self._options, self.role))
+
+    def _errors(self, path: str, op: str):
+        return translate_errors(path, op=op, role=self.role)
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts) if parts else self.root
@@ -79,32 +97,32 @@ class Storage:
         return self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
-        with translate_errors(path):
+        with self._errors(path, "read"):
             return self.fs.exists(path)
 
     def read_bytes(self, path: str) -> bytes:
-        with translate_errors(path):
+        with self._errors(path, "read"):
             return self.fs.cat_file(path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         atomic_write(self, path, data)
 
     def find(self, path: str, withdirs: bool = False) -> list[str]:
-        with translate_errors(path):
+        with self._errors(path, "list"):
             try:
                 return sorted(self.fs.find(path, withdirs=withdirs))
             except FileNotFoundError:
                 return []
 
     def ls(self, path: str) -> list[str]:
-        with translate_errors(path):
+        with self._errors(path, "list"):
             try:
                 return sorted(self.fs.ls(path, detail=False))
             except FileNotFoundError:
                 return []
 
     def rm(self, path: str, recursive: bool = False) -> None:
-        with translate_errors(path):
+        with self._errors(path, "delete"):
             try:
                 self.fs.rm(path, recursive=recursive)
             except FileNotFoundError:
@@ -113,7 +131,7 @@ class Storage:
     def rm_many(self, paths: list[str]) -> None:
         if not paths:
             return
-        with translate_errors(paths[0]):
+        with self._errors(paths[0], "delete"):
             try:
                 self.fs.rm(paths)
             except FileNotFoundError:
@@ -125,13 +143,13 @@ class Storage:
             os.makedirs(path, exist_ok=True)
 
     def open(self, path: str, mode: str = "rb", **kwargs: Any):
-        with translate_errors(path):
+        with self._errors(path, "write" if "w" in mode or "a" in mode else "read"):
             if "w" in mode:
                 self.makedirs(posixpath.dirname(path))
             return self.fs.open(path, mode, **kwargs)
 
     def size(self, path: str) -> int:
-        with translate_errors(path):
+        with self._errors(path, "read"):
             return int(self.fs.size(path))
 
     def probe(self) -> None:
@@ -143,13 +161,13 @@ class Storage:
         self.rm(p)
 
 
-def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
-    return Storage(url, storage_options)
+def open_storage(url: str, storage_options: dict[str, Any] | None = None, role: str | None = None) -> Storage:
+    return Storage(url, storage_options, role)
 
 
 def atomic_write(storage: Storage, path: str, data: bytes) -> None:
     """Write ``data`` at ``path`` so that no reader ever sees a partial object."""
-    with translate_errors(path):
+    with translate_errors(path, op="write", role=getattr(storage, "role", None)):
         if storage.is_local:
             d = os.path.dirname(path)
             os.makedirs(d, exist_ok=True)
@@ -236,7 +254,46 @@ def _is_transient(exc: BaseException, code: str, status: int) -> bool:
     return any(w in lowered for w in _TRANSIENT_WORDS)
 
 
-def _classify(exc: BaseException, path: str) -> DPipelineError | None:
+def _tls_failure(chain: list[BaseException]) -> str | None:
+    """A message for a TLS certificate failure anywhere in ``chain``, else None.
+
+    Names the endpoint (host:port, which aiohttp's connector errors carry) and the verifier's
+    reason; never the request itself.
+    """
+    import ssl
+
+    hit = None
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError) or "certificate verify failed" in str(e).lower() \
+                or any(c.__name__ in ("ClientConnectorCertificateError", "SSLError") for c in type(e).__mro__):
+            hit = e
+            break
+    if hit is None:
+        return None
+    host = port = None
+    reason = ""
+    for e in chain:
+        host = host or getattr(e, "host", None)
+        port = port or getattr(e, "port", None)
+        if isinstance(e, ssl.SSLCertVerificationError) and not reason:
+            reason = str(getattr(e, "verify_message", "") or "")
+        cert_error = getattr(e, "certificate_error", None)
+        if isinstance(cert_error, ssl.SSLCertVerificationError) and not reason:
+            reason = str(cert_error.verify_message or "")
+    if not reason:
+        text = " ".join(str(e) for e in chain).lower()
+        for known in ("self-signed certificate in certificate chain", "self signed certificate",
+                      "unable to get local issuer certificate", "certificate has expired",
+                      "hostname mismatch", "ip address mismatch"):
+            if known in text:
+                reason = known
+                break
+    endpoint = f"https://{host}:{port}" if host else "the storage endpoint"
+    return (f"TLS certificate verify failed for {endpoint}" + (f" ({reason})" if reason else "")
+            + ": set storage_options.tls.ca_bundle to the CA that signed its certificate")
+
+
+def _classify(exc: BaseException, path: str, op: str | None = None, role: str | None = None) -> DPipelineError | None:
     """Our error for a storage client error, or None to let it through unchanged.
 
     Permission problems are terminal, network trouble, timeouts, S3 5xx / SlowDown and
@@ -246,11 +303,16 @@ def _classify(exc: BaseException, path: str) -> DPipelineError | None:
     """
     chain = _chain(exc)
     codes = [_response_code(e) for e in chain]
+    tls = _tls_failure(chain)
+    if tls is not None:
+        return StorageTLSError(f"{role + ' ' if role else ''}{path}: {tls}", path=path)
     if any(_is_permission(e, c, st) for e, (c, st) in zip(chain, codes)):
+        whose = f"{role}.storage_options credentials" if role else "credentials"
         return StoragePermissionError(
-            f"{path}: access denied by the storage: check the credentials and their permissions "
+            f"{role + ' ' if role else ''}{path}: access denied by the storage"
+            f"{' for ' + op if op else ''}: check the {whose} and their permissions "
             f"({type(exc).__name__})",
-            path=path,
+            path=path, **({"operation": op} if op else {}), **({"role": role} if role else {}),
         )
     if isinstance(exc, FileNotFoundError):
         return None  # callers decide what a missing object means
@@ -268,8 +330,12 @@ def _classify(exc: BaseException, path: str) -> DPipelineError | None:
 
 
 @contextlib.contextmanager
-def translate_errors(path: str) -> Iterator[None]:
-    """Turn storage client errors into our errors, naming ``path`` and never a credential."""
+def translate_errors(path: str, op: str | None = None, role: str | None = None) -> Iterator[None]:
+    """Turn storage client errors into our errors, naming ``path`` and never a credential.
+
+    ``op`` (read, write, list, delete) and ``role`` (source, sink, ...) are named in a
+    permission error, so it says which credentials lack which permission.
+    """
     try:
         yield
     except DPipelineError:
@@ -277,24 +343,24 @@ def translate_errors(path: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated or re-raised
-        ours = _classify(exc, path)
+        ours = _classify(exc, path, op, role)
         if ours is None:
             raise
         raise ours from None
 
 
 @lru_cache(maxsize=64)
-def _cached(url: str, options_key: str) -> Storage:  # pragma: no cover - thin cache
+def _cached(url: str, options_key: str, role: str | None = None) -> Storage:  # pragma: no cover - thin cache
     import json
 
-    return Storage(url, json.loads(options_key))
+    return Storage(url, json.loads(options_key), role)
 
 
-def cached_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+def cached_storage(url: str, storage_options: dict[str, Any] | None = None, role: str | None = None) -> Storage:
     """A per-process cached :class:`Storage` (workers reuse connections across shards)."""
     import json
 
-    return _cached(url, json.dumps(storage_options or {}, sort_keys=True))
+    return _cached(url, json.dumps(storage_options or {}, sort_keys=True), role)
 
 
 def missing_source(path: str) -> SourceError:
