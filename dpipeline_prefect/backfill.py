@@ -138,9 +138,11 @@ def run_keys(start: datetime, end: datetime, every: timedelta, fmt: str | None =
 def completed_keys(cfg) -> set[str]:
     """Run keys of ``cfg``'s pipeline whose checkpoint manifest says ``completed``."""
     from .checkpoint import list_runs
+    from .crypto import cipher_for
     from .storage import Storage
 
-    runs = list_runs(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name)
+    runs = list_runs(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name,
+                     cipher=cipher_for(cfg.encryption))
     return {r.run_key for r in runs if r.status == "completed"}
 
 
