@@ -207,6 +207,11 @@ def test_install_twice_updates_lists_and_removes_without_showing_the_url(tmp_pat
         assert events.count('"dpipeline.audit.alerts-install"') == 2 * 4, events  # attempted + ok, x4
         assert receiver.token not in events
 
+        # no Prefect server configured: alerts would go nowhere, so it is refused, naming why
+        nosrv = run_cli("alerts", "install", str(y), "--webhook", receiver.url, env={"PREFECT_API_URL": ""})
+        assert nosrv.returncode == 1 and "set PREFECT_API_URL" in nosrv.stderr, nosrv.stderr
+        assert receiver.token not in nosrv.stdout + nosrv.stderr
+
         # a bad URL: one line that does not echo it
         bad = run_cli("alerts", "install", str(y), "--webhook", f"ftp://x/{receiver.token}")
         assert bad.returncode == 1 and "--webhook" in bad.stderr and receiver.token not in bad.stderr

@@ -109,10 +109,13 @@ def test_unhealthy_items_are_named_and_secrets_stay_out(tmp_path, s3, s3_input, 
 
     # a Prefect API on a dead port: named, and the limits cannot be checked without it
     dead = f"http://127.0.0.1:{free_port()}/api"
-    r2, table2, checks2 = _health(_cfg(s3, prefix), tmp_path, env={"PREFECT_API_URL": dead})
+    r2, table2, checks2 = _health(_cfg(s3, prefix, runner={"kind": "dask", "workers": 2}), tmp_path,
+                                  env={"PREFECT_API_URL": dead})
     assert r2.returncode == 1
     assert not checks2["prefect"]["ok"] and checks2["prefect"]["item"] == f"prefect api {dead}"
     assert not checks2["limits"]["ok"] and "no reachable Prefect server" in checks2["limits"]["detail"]
     assert {k for k, c in checks2.items() if not c["ok"]} == {"prefect", "limits"}
+    # no runner.address: each run starts its own cluster, so there is nothing to reach yet
+    assert checks2["dask"]["detail"].startswith("local cluster: started on demand by each run (2 worker")
     assert f"prefect api {dead}" in table2.stderr
     assert good["secret"] not in r2.stdout + r2.stderr + table2.stdout + table2.stderr
