@@ -308,16 +308,16 @@ class CheckpointConfig(_Model):
     path: str = "./.dpipeline/checkpoints/"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     block: str | None = Field(None, description=_BLOCK_FIELD_DESCRIPTION)
-
-    @field_validator("storage_options")
-    @classmethod
-    def _storage_tls(cls, v: Any) -> Any:
-        return _tls_checked(v)
     per_batch: bool = Field(
         True,
         description="Save progress after every batch (a crashed shard resumes after its last batch). "
         "False saves only when a shard finishes: a crashed shard is redone from its start.",
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_tls(cls, v: Any) -> Any:
+        return _tls_checked(v)
 
     @model_validator(mode="before")
     @classmethod

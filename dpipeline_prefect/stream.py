@@ -131,8 +131,15 @@ class StreamState:
 
 
 def state_store(cfg: PipelineConfig) -> CheckpointStore:
-    """The checkpoint store holding ``cfg``'s stream state (keyed by pipeline)."""
-    return CheckpointStore(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options), cfg.name, STATE_RUN_KEY)
+    """The checkpoint store holding ``cfg``'s stream state (keyed by pipeline).
+
+    Encrypted like every checkpoint when the pipeline has an ``encryption`` section (the state
+    holds rows of open windows).
+    """
+    from .crypto import cipher_for
+
+    return CheckpointStore(Storage(cfg.checkpoint.path, cfg.checkpoint.storage_options, role="checkpoint"),
+                           cfg.name, STATE_RUN_KEY, cipher=cipher_for(cfg.encryption))
 
 
 # --------------------------------------------------------------------------- one step

@@ -305,3 +305,28 @@ def test_key_from_a_prefect_secret_block(prefect_server):
     assert c.key_id == Cipher(parse_key(KEY, "k")).key_id and KEY not in repr(c)
     with pytest.raises(ConfigError, match="no Secret block named 'dpl-missing-"):
         cipher_for(EncryptionConfig(key_secret_block="dpl-missing-" + uuid.uuid4().hex[:8]))
+
+
+def test_stream_state_and_late_rows_are_encrypted_too(tmp_path, monkeypatch):
+    """The stream state holds rows of open windows; its checkpoint and late-row files are sealed."""
+    from dpipeline_prefect.stream import run_increment
+
+    from .test_stream import make_slices, stream_cfg, write_slice
+
+    monkeypatch.setenv("DPL_STREAM_KEY", KEY)
+    slices = make_slices(n_rows=6000, n_slices=6, late_share=0.1)
+    cfg = parse_config({**stream_cfg(tmp_path), "encryption": {"key_env": "DPL_STREAM_KEY"}})
+    sums = []
+    for i, s in enumerate(slices):
+        write_slice(tmp_path / "in", i, s)
+        sums.append(run_increment(cfg))  # each increment reads the previous, encrypted, state
+    assert sum(s["rows_in"] for s in sums) == sum(len(s) for s in slices)
+    assert sum(s["rows_late"] for s in sums) > 0
+    stored = [f for f in (tmp_path / "ckpt").rglob("*") if f.is_file() and f.suffix in (".ckpt", ".parquet")]
+    assert any(f.suffix == ".ckpt" for f in stored) and any(f.name.startswith("part-late-") for f in stored)
+    for f in stored:
+        assert f.read_bytes().startswith(ENC_MAGIC), f
+    monkeypatch.setenv("DPL_STREAM_KEY", OTHER_KEY)
+    write_slice(tmp_path / "in", len(slices), slices[-1].iloc[:10])
+    with pytest.raises(CheckpointCorruptError, match="wrong key"):
+        run_increment(cfg)
