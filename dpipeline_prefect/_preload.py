@@ -11,3 +11,8 @@ import pyarrow.parquet  # noqa: F401
 
 import dpipeline_prefect.runner  # noqa: F401
 import dpipeline_prefect.shard  # noqa: F401
+import dpipeline_prefect.tracing
+
+# OTLP export from the OTEL_* environment before the first task, so Prefect's task-run
+# spans in this worker are recorded too (a no-op when tracing is not configured).
+dpipeline_prefect.tracing.configure()

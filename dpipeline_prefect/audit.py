@@ -1,15 +1,14 @@
 """The audit trail: who asked for each destructive or state-changing action, as Prefect events.
 
-Every such action (``run --restart``, ``checkpoints gc``, ``dlq replay``, ``alerts install``,
-``backfill``) runs inside :func:`audited`, which emits two Prefect events named
+Every such action (``run --restart``, ``checkpoints gc``, ``dlq replay``, ``alerts install`` /
+``remove``, ``backfill``, ``loglevel``) runs inside :func:`audited`, which emits two Prefect events named
 ``dpipeline.audit.<action>`` on resource ``dpipeline.pipeline.<name>`` (the resource
 ``degrade.py``'s breaker events use):
 
 * when the action is **attempted** (``payload.outcome == "attempted"``), before it touches
   anything, so an action whose process is killed half-way is still on record;
-* when it **ends** (``"ok"`` or ``"failed"`` with the error's type and message), ``follows``
-  the first one, with the same ``audit_id`` and what the action reported (files removed,
-  rows replayed...).
+* when it **ends** (``"ok"`` or ``"failed"`` with the error's type and message), with the
+  same ``audit_id`` and what the action reported (files removed, rows replayed...).
 
 Each names **who**: the OS user (``getpass.getuser()`` and the uid), the host and process,
 and the Prefect client (its version, the server's version, the API URL without credentials
@@ -26,7 +25,8 @@ automations can react to it. :func:`read_audit` lists them back through the serv
 asynchronously (a background worker, drained at process exit): an event can take a moment
 to become visible after the action returns.
 
-An event that cannot be emitted never stops the action: it is logged as a warning.
+Events are sent with ``events.emit`` (the run's events' helper). An event that cannot be
+emitted never stops the action: it is logged as a warning.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ log = logging.getLogger("dpipeline_prefect.audit")
 
 EVENT_PREFIX = "dpipeline.audit."
 #: The actions that are audited (the suffix of the event name).
-ACTIONS = ("restart", "checkpoints-gc", "dlq-replay", "alerts-install", "backfill")
+ACTIONS = ("restart", "checkpoints-gc", "dlq-replay", "alerts-install", "alerts-remove", "backfill", "loglevel")
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|key|credential|auth|webhook|signature)", re.I)
 _server_version: dict[str, str] = {}
@@ -156,7 +156,7 @@ def who() -> dict[str, Any]:
 
 
 def record(action: str, pipeline: str, run_key: str | None, details: dict[str, Any] | None = None,
-           *, outcome: str = "ok", audit_id: str | None = None, follows: Any = None) -> Any:
+           *, outcome: str = "ok", audit_id: str | None = None) -> Any:
     """Emit one audit event ``dpipeline.audit.<action>``; returns the event (or None).
 
     Args:
@@ -166,7 +166,6 @@ def record(action: str, pipeline: str, run_key: str | None, details: dict[str, A
         details: what the action touched or reported; passed through :func:`scrub`.
         outcome: ``attempted``, ``ok`` or ``failed``.
         audit_id: ties an action's "attempted" and final events together.
-        follows: the "attempted" event, so the server orders the pair.
     """
     payload = {
         "action": action,
@@ -177,25 +176,13 @@ def record(action: str, pipeline: str, run_key: str | None, details: dict[str, A
         "who": who(),
         "details": scrub(details or {}),
     }
-    try:
-        from prefect.events import emit_event
+    from .events import emit
 
-        resource = {"prefect.resource.id": f"dpipeline.pipeline.{pipeline}",
-                    "prefect.resource.name": pipeline,
-                    "dpipeline.audit.action": action,
-                    "dpipeline.audit.outcome": outcome,
-                    "dpipeline.audit.user": payload["who"]["user"]}
-        if run_key is not None:
-            resource["dpipeline.run_key"] = run_key
-        ev = emit_event(event=f"{EVENT_PREFIX}{action}", resource=resource, payload=payload, follows=follows)
-        if ev is None:
-            log.warning("audit %s of %s: Prefect is not emitting events (no API to send them to)",
-                        action, pipeline)
-        return ev
-    except Exception as exc:  # noqa: BLE001 - an audit event that cannot be sent must not stop the action
-        log.warning("audit %s of %s: could not emit the Prefect event (%s: %s)", action, pipeline,
-                    type(exc).__name__, exc)
-        return None
+    # The shared helper (events.py): resource dpipeline.pipeline.<name>, the flow run as a
+    # related resource when there is one; best effort (a failure is logged, not raised).
+    return emit(f"{EVENT_PREFIX}{action}", pipeline, run_key or "", payload,
+                labels={"dpipeline.audit.action": action, "dpipeline.audit.outcome": outcome,
+                        "dpipeline.audit.user": payload["who"]["user"]})
 
 
 @dataclass
@@ -218,15 +205,15 @@ def audited(action: str, pipeline: str, run_key: str | None, details: dict[str, 
         ...     a.details["report"] = gc(...)
     """
     a = Audit(action, pipeline, run_key, dict(details or {}))
-    first = record(action, pipeline, run_key, a.details, outcome="attempted", audit_id=a.audit_id)
+    record(action, pipeline, run_key, a.details, outcome="attempted", audit_id=a.audit_id)
     try:
         yield a
     except BaseException as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         record(action, pipeline, run_key, {**a.details, "error": type(exc).__name__, "message": msg},
-               outcome="failed", audit_id=a.audit_id, follows=first)
+               outcome="failed", audit_id=a.audit_id)
         raise
-    record(action, pipeline, run_key, a.details, outcome="ok", audit_id=a.audit_id, follows=first)
+    record(action, pipeline, run_key, a.details, outcome="ok", audit_id=a.audit_id)
 
 
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

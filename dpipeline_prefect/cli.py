@@ -1,5 +1,5 @@
 """The ``dpipeline`` command line: run, backfill, validate, checkpoints ls / gc, dlq ls / show / replay, audit,
-alerts install / ls / remove, report.
+alerts install / ls / remove, report, loglevel.
 
 Errors end the command with one clear line on stderr and a non-zero exit; the full
 traceback is printed only with ``--verbose``.
@@ -189,8 +189,18 @@ def backfill(
                   highlight=False, markup=False)
 
     try:
-        items = do_backfill(pipeline, start, end, every, deployment=deployment,
-                            run_key_format=run_key_format, on_item=show)
+        from .audit import audited
+        from .config import load_config
+        from .pipeline import prefect_api
+
+        name = load_config(pipeline).name
+        with prefect_api(), audited("backfill", name, None, {"from": start, "to": end, "every": every,
+                                                             "deployment": deployment,
+                                                             "run_key_format": run_key_format}) as rec:
+            items = do_backfill(pipeline, start, end, every, deployment=deployment,
+                                run_key_format=run_key_format, on_item=show)
+            rec.details.update(run_keys=len(items), ran=sum(i.action == "ran" for i in items),
+                               failed=[i.run_key for i in items if i.failed])
     except Exception as e:  # noqa: BLE001 - every failure ends in one line
         _fail(e, verbose)
         return
@@ -462,6 +472,29 @@ def dlq_replay(
         summary_json.write_text(json.dumps(d, indent=2, default=str))
 
 
+@app.command("loglevel")
+def loglevel_cmd(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
+    level: str = typer.Argument(..., help="DEBUG, INFO, WARNING, ERROR, CRITICAL, or reset."),
+) -> None:
+    """Change the log level of this pipeline's runs while they run (read within logging.poll_s)."""
+    try:
+        from .audit import audited
+        from .config import load_config
+        from .loglevel import parse_level, set_level, variable_name
+        from .pipeline import prefect_api
+
+        cfg = load_config(pipeline)
+        new = None if level.strip().lower() == "reset" else parse_level(level)
+        with prefect_api(), audited("loglevel", cfg.name, None, {"level": (new or "reset").upper()}):
+            set_level(cfg.name, new)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+        return
+    out.print(f"{variable_name(cfg.name)} = {(new or 'reset').upper()}: running processes of {cfg.name} "
+              f"apply it within {cfg.logging.poll_s:g} s")
+
+
 @app.command("audit")
 def audit_cmd(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML file."),
@@ -561,9 +594,14 @@ def alerts_install(
         from .alerts import install
         from .config import load_config
 
+        from .audit import audited
+
         cfg = load_config(pipeline)
         url = _server_api_url()
-        res = install(cfg.name, webhook, no_data_within)
+        # Audited without the webhook URL (a secret): who installed which automations.
+        with audited("alerts-install", cfg.name, None, {"no_data_within": no_data_within}) as rec:
+            res = install(cfg.name, webhook, no_data_within)
+            rec.details.update(automations=res.automations)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return
@@ -604,9 +642,13 @@ def alerts_remove(pipeline: Path = typer.Argument(..., help="Pipeline YAML file.
         from .alerts import remove
         from .config import load_config
 
+        from .audit import audited
+
         cfg = load_config(pipeline)
         _server_api_url()
-        gone = remove(cfg.name)
+        with audited("alerts-remove", cfg.name, None) as rec:
+            gone = remove(cfg.name)
+            rec.details["removed"] = list(gone)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return

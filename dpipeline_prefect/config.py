@@ -422,6 +422,16 @@ class RetryConfig(_Model):
         return self
 
 
+class LoggingConfig(_Model):
+    """The level of the pipeline's own loggers (``dpipeline_prefect.*``), changeable mid-run."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+        None, description="Level at the start of a run; default: as the process configured it.")
+    poll_s: float = Field(
+        5.0, ge=0.1, description="How often (at most) a running process reads the live level "
+        "set by `dpipeline loglevel` (Prefect Variable dpipeline-log-level-<name>).")
+
+
 class LockConfig(_Model):
     """Only one run of a pipeline and run key at a time (a Prefect global concurrency limit).
 
@@ -722,6 +732,7 @@ class PipelineConfig(_Model):
                 "stream.incremental: event_time needs a source that can filter rows by time "
                 "(format: parquet); use incremental: files for csv and jsonl")
         return self
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("name")
     @classmethod

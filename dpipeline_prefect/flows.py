@@ -9,6 +9,7 @@ called inside a user's own ``@flow`` as a subflow (``pipeline.run_pipeline``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.runtime import task_run as prefect_task_run
 
-from . import degrade, limits, logs, progress
+from . import degrade, limits, loglevel, logs, progress, tracing
 from .audit import audited
 from .checkpoint import CheckpointStore
 from .config import PipelineConfig, validate_run_key
@@ -131,8 +132,21 @@ def execute(cfg: PipelineConfig, run_key: str = "default", restart: bool = False
     """
     validate_run_key(run_key)
     logs.configure(cfg.monitoring.log_format)
-    with logs.log_context(pipeline=cfg.name, run_key=run_key):
-        return _monitored(cfg, run_key, restart)
+    tracing.configure()
+    loglevel.poll(cfg)  # the live log level in the flow process too (again as shards finish)
+    # The run's span: a child of Prefect's flow-run span when its telemetry is on; shards
+    # join it through RunContext.trace (tracing.py).
+    with logs.log_context(pipeline=cfg.name, run_key=run_key), \
+            tracing.span("dpipeline.run", {"dpipeline.pipeline": cfg.name, "dpipeline.run_key": run_key,
+                                           "dpipeline.restart": restart, "prefect.flow_run.id": _flow_run_id(),
+                                           "process.pid": os.getpid()}) as sp:
+        summary = _monitored(cfg, run_key, restart)
+        if sp is not None:
+            sp.set_attributes({"dpipeline.status": summary.get("status", ""),
+                               "dpipeline.rows_in": int(summary.get("rows_in") or 0),
+                               "dpipeline.rows_out": int(summary.get("rows_out") or 0),
+                               "dpipeline.shards": int(summary.get("shards_total") or 0)})
+        return summary
 
 
 def _monitored(cfg: PipelineConfig, run_key: str, restart: bool) -> dict[str, Any]:
@@ -316,7 +330,7 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) 
         crashpoint("planned")
         logger.info("planned %d input file(s), %d bytes", len(plan.files), plan.bytes_total)
 
-    ctx = RunContext(cfg, run_key, manifest["schema"], work_url)
+    ctx = RunContext(cfg, run_key, manifest["schema"], work_url, tracing.carrier())
     files = manifest["files"]
     bytes_read = 0
     docs = store.load_shards()
@@ -374,6 +388,7 @@ def _execute(cfg: PipelineConfig, run_key: str, restart: bool, mon: RunMonitor) 
         results.append(r)
         _emit("shard_done", asdict(r))
         mon.shard_completed(r)
+        loglevel.poll(cfg)
         del fut  # release the Dask future: a dead worker must not recompute finished shards
     unsubscribe()
     if errors:

@@ -137,7 +137,9 @@ def _api_handler() -> logging.Handler:
                 return
             super().emit(record)
 
-    h = RunAPIHandler(level=logging.INFO)
+    # No level of its own: the ``dpipeline_prefect`` logger's level decides (INFO unless the
+    # live log level, loglevel.py, changes it while a run is in progress).
+    h = RunAPIHandler(level=logging.NOTSET)
     h.setFormatter(_PrefixFormatter("%(message)s"))
     return h
 
@@ -170,8 +172,7 @@ def configure(log_format: str = "text") -> None:
         want_json = log_format == "json"
         if want_json and _configured["json"] is None:
             h = logging.StreamHandler(sys.stderr)
-            h.setFormatter(JsonFormatter())
-            h.setLevel(logging.INFO)
+            h.setFormatter(JsonFormatter())  # no level of its own, like the API handler
             h.addFilter(_ContextFilter())
             root.addHandler(h)
             rl = logging.StreamHandler(sys.stderr)

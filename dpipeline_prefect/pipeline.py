@@ -54,6 +54,7 @@ class Pipeline:
             raise ours from None
 
     def _run(self, run_key: str, restart: bool) -> dict[str, Any]:
+        _configure_tracing()
         runner = self.config.runner
         if runner.kind == "dask" and not runner.address and self.config.stream is None:
             # Start the workers now: they import what shards need while this process imports
@@ -76,6 +77,7 @@ def run_pipeline(pipeline: Pipeline | PipelineConfig | str, run_key: str = "defa
     if isinstance(pipeline, PipelineConfig):
         pipeline = Pipeline(pipeline)
     _make_importable(pipeline.base_dir)
+    _configure_tracing()
     with _run_tags(pipeline.config):
         return _flow_for(pipeline.config)(pipeline=pipeline.config, run_key=run_key, restart=restart)
 
@@ -106,6 +108,13 @@ def _flow_for(cfg: PipelineConfig, cluster=None):
         task_runner=runner,
         flow_run_name=f"{cfg.name}-{{run_key}}",
     )
+
+
+def _configure_tracing() -> None:
+    """OTLP export from the OTEL_* environment, before Prefect starts the flow run's span."""
+    from .tracing import configure
+
+    configure()
 
 
 def _make_importable(base_dir: str | None) -> None:

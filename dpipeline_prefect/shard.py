@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from . import loglevel, tracing
 from .batching import batches
 from .breaker import BreakerOpenError, State, use_registry
 from .checkpoint import AsyncCheckpointWriter, CheckpointStore
@@ -80,6 +82,7 @@ class RunContext:
     run_key: str
     schema_b64: str
     work_url: str
+    trace: dict[str, str] | None = None  # W3C traceparent of the run span (tracing.py)
 
 
 @dataclass
@@ -138,19 +141,33 @@ def _count_retry(res: ShardResult, spec: ShardSpec, attempt: int, exc: BaseExcep
 def process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     """Run one shard to completion (or resume it); return its figures.
 
-    Its log lines carry the pipeline, run key, shard and batch (``logs.py``)."""
+    Its log lines carry the pipeline, run key, shard and batch (``logs.py``). Traced as
+    ``dpipeline.shard``, a child of the run's span (``ctx.trace``) in whatever process it runs,
+    with a span per batch (``tracing.py``)."""
     configure_logs(ctx.cfg.monitoring.log_format)
-    with log_context(pipeline=ctx.cfg.name, run_key=ctx.run_key, shard=spec.label):
-        res = _process_shard(ctx, spec)
-        if not res.skipped:
-            log.info("shard %s done: %d row(s) in, %d batch(es), %d retried, %.2f s", spec.label,
-                     res.rows_in_now, res.batches, res.retries, res.duration_s)
-        return res
+    tracing.configure()  # once per process: a worker started without our preload
+    try:
+        with log_context(pipeline=ctx.cfg.name, run_key=ctx.run_key, shard=spec.label), \
+                tracing.span("dpipeline.shard", {"dpipeline.pipeline": ctx.cfg.name, "dpipeline.run_key": ctx.run_key,
+                                                 "dpipeline.shard": spec.id, "dpipeline.shard.label": spec.label,
+                                                 "process.pid": os.getpid()},
+                             parent=ctx.trace, link_current=True) as sp:
+            res = _process_shard(ctx, spec)
+            if not res.skipped:
+                log.info("shard %s done: %d row(s) in, %d batch(es), %d retried, %.2f s", spec.label,
+                         res.rows_in_now, res.batches, res.retries, res.duration_s)
+            if sp is not None:
+                sp.set_attributes({"dpipeline.rows_in": res.rows_in_now, "dpipeline.batches": res.batches,
+                                   "dpipeline.skipped": res.skipped})
+            return res
+    finally:
+        tracing.flush()
 
 
 def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     t0 = time.perf_counter()
     cfg = ctx.cfg
+    loglevel.poll(cfg)  # the live log level (loglevel.py), then again at batch boundaries
     source, ckpt_storage, work = _storages(ctx)
     # Batch saves delete superseded generations 16 at a time (one request), and prune() at the
     # end leaves the usual latest + previous: on S3 that halves the requests per batch.
@@ -183,14 +200,22 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         if state:  # dead rows of batches past the checkpoint are redone, like their output
             dlq.store.remove_uncommitted(spec.id, next_seq)
     counters = {"bytes_read": 0}
-    writer = AsyncCheckpointWriter(store)
+    # With tracing on, each checkpoint save is a span from submit to durable (tracing.py).
+    saves = tracing.checkpoint_spans(store)
+    writer = AsyncCheckpointWriter(saves)
+
+    def checkpoint(doc: dict) -> None:
+        if saves is not store:
+            saves.submitted(spec.id, doc)
+        writer.submit(spec.id, doc)
+
     # A fresh shard records that it started before it publishes any output (a resumed attempt
     # then knows to clean up past its checkpoint). The save runs in the background while the
     # first batch is read, and is waited for before that batch produces output.
     started_pending = not state
     if started_pending:
-        writer.submit(spec.id, {"done": False, "next_seq": 0, "offset": 0, "rows_in": 0,
-                                "rows_out": 0, "bytes_written": 0})
+        checkpoint({"done": False, "next_seq": 0, "offset": 0, "rows_in": 0,
+                    "rows_out": 0, "bytes_written": 0})
     retry_policy = RetryPolicy.from_config(cfg.retry)
     # The sink's breaker is shared by every shard of the run (degrade.py); it sits inside the
     # retry, so each attempt is recorded and an open breaker fails fast with a transient
@@ -219,7 +244,11 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
     sm = ShardMetrics(spec.id, spec.label) if cfg.monitoring.metrics else None
     try:
         stream = _stream(ctx, spec, source, work, schema, offset, counters)
-        for batch in batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset):
+        raw = batches(stream, cfg.batching.rows, cfg.batching.max_bytes, schema, offset)
+        traced = tracing.traced_batches(raw, {"dpipeline.shard": spec.id, "dpipeline.first_seq": next_seq})
+        if traced is not raw:
+            scopes.callback(traced.close)  # ends the open batch span if the loop stops early
+        for batch in traced:
             n_rows, row0, offset = batch.num_rows, batch.offset, batch.offset + batch.num_rows
             # Hand the Arrow buffers over to pandas and drop every other reference, so a
             # batch is held once (not as Arrow + pandas + output at the same time).
@@ -250,7 +279,8 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             # A transient sink failure retries this batch only (same names, atomic writes),
             # not the shard from its start.
             try:
-                with degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
+                with tracing.span("dpipeline.sink.write", {"dpipeline.batch.seq": next_seq}), \
+                        degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
                     w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
                                         on_retry=lambda attempt, exc, delay: (
                                             _count_retry(res, spec, attempt, exc, delay), slot.on_retry(exc)))
@@ -262,7 +292,8 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                 sink.remove_uncommitted(spec.id, next_seq)
                 out, dead = dlq.sink_rejected(e, df, dead, apply, sink)
                 n_dead = dlq.commit(df, dead, next_seq, row0)
-                with degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
+                with tracing.span("dpipeline.sink.write", {"dpipeline.batch.seq": next_seq}), \
+                        degraded_slot(brk, cfg.name, ctx.run_key, slots) as slot:
                     w = call_with_retry(lambda: guard(sink.write_batch, spec.id, next_seq, out), retry_policy,
                                         on_retry=lambda attempt, exc, delay: (
                                             _count_retry(res, spec, attempt, exc, delay), slot.on_retry(exc)))
@@ -284,9 +315,11 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
                 report(f"{cfg.name}/{ctx.run_key}", spec.id, n_rows, label=spec.label, dead_total=rows_dead,
                        retries=res.retries, **sm.batch(next_seq - 1, n_rows, w.rows, n_dead, w.bytes),
                        **({"breaker": {SINK: brk.state.value}} if brk is not None else {}))
+            log.debug("batch %d done: %d row(s) in, %d out, %d bytes written", next_seq - 1,
+                      n_rows, w.rows, w.bytes)
+            loglevel.poll(cfg)
             if cfg.checkpoint.per_batch:
-                writer.submit(
-                    spec.id,
+                checkpoint(
                     {"done": False, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
                      "rows_out": rows_out, "bytes_written": bytes_written, "rows_dead_letter": rows_dead},
                 )
@@ -294,8 +327,7 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
             dlq.finish(rows_in)
         # The final document goes through the writer too: if the last batch's save is still
         # pending it is replaced, so a shard ends with one write, not two in a row.
-        writer.submit(
-            spec.id,
+        checkpoint(
             {"done": True, "next_seq": next_seq, "offset": offset, "rows_in": rows_in,
              "rows_out": rows_out, "bytes_written": bytes_written, "rows_dead_letter": rows_dead},
         )
@@ -303,7 +335,11 @@ def _process_shard(ctx: RunContext, spec: ShardSpec) -> ShardResult:
         crashpoint("after_checkpoint")
     finally:
         scopes.close()
-        writer.close()
+        try:
+            writer.close()
+        finally:
+            if saves is not store:
+                saves.close()
     store.prune(spec.id)
     res.rows_in, res.rows_out, res.batches = rows_in, rows_out, next_seq
     res.rows_dead_letter = rows_dead

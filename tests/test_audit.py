@@ -1,8 +1,8 @@
 """Audit trail: every destructive action is a Prefect event naming who did what, listed by
 ``dpipeline audit``.
 
-The end-to-end test runs each existing destructive action (``run --restart``, ``checkpoints
-gc``, ``dlq replay``) with the real CLI against the session's real Prefect server and finds
+The end-to-end test runs each destructive action (``run --restart``, ``checkpoints gc``,
+``dlq replay``, ``backfill``, ``alerts install``) with the real CLI against the session's real Prefect server and finds
 them with ``dpipeline audit``: OS user, host, the Prefect client and server, the flow run,
 the run key and what was removed. Prefect delivers events asynchronously, so reads poll.
 """
@@ -111,14 +111,23 @@ def test_destructive_cli_actions_are_listed_with_who_and_what(tmp_path, pipeline
     assert r.returncode == 0, r.stderr
     r = run_cli("dlq", "replay", str(p), "--run-key", "a")  # its checkpoints are gone now
     assert r.returncode == 1 and "no checkpoints" in r.stderr, r.stderr
+    r = run_cli("backfill", str(p), "--from", "2026-01-01", "--to", "2026-01-01")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("alerts", "install", str(p), "--webhook", "http://127.0.0.1:9/hook/SEKRETHOOK")
+    assert r.returncode == 0, r.stderr
 
-    entries = _wait_audit(cfg["name"], 4)
+    entries = _wait_audit(cfg["name"], 6)
     assert [(e["action"], e["outcome"]) for e in entries] == [
-        ("restart", "ok"), ("dlq-replay", "ok"), ("checkpoints-gc", "ok"), ("dlq-replay", "failed")], entries
-    assert "no checkpoints" in entries[-1]["details"]["message"]
+        ("restart", "ok"), ("dlq-replay", "ok"), ("checkpoints-gc", "ok"), ("dlq-replay", "failed"),
+        ("backfill", "ok"), ("alerts-install", "ok")], entries
+    assert "no checkpoints" in entries[3]["details"]["message"]
+    assert entries[4]["details"]["ran"] == 1 and entries[4]["details"]["failed"] == []
+    assert entries[5]["details"]["automations"] and "SEKRETHOOK" not in json.dumps(entries)
+    r = run_cli("alerts", "remove", str(p))
+    assert r.returncode == 0, r.stderr
     by_action = {e["action"]: e for e in entries[:3]}
     for e in entries:
-        w = e["who"]
+        w = e["who"]  # the CLI's OS user and the Prefect client it used
         assert w["user"] == getpass.getuser() and w["host"] == socket.gethostname(), w
         assert w["prefect_api"] == prefect_server.api_url and w["prefect_client_version"], w
         assert w["prefect_server_version"] not in ("", "unknown"), w
@@ -134,7 +143,8 @@ def test_destructive_cli_actions_are_listed_with_who_and_what(tmp_path, pipeline
     r = run_cli("audit", str(p), "--since", "1h", "--json")
     assert r.returncode == 0, r.stderr
     listed = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-    assert [e["action"] for e in listed] == ["restart", "dlq-replay", "checkpoints-gc", "dlq-replay"]
+    assert [e["action"] for e in listed][:6] == ["restart", "dlq-replay", "checkpoints-gc", "dlq-replay",
+                                                 "backfill", "alerts-install"]
     r = run_cli("audit", str(p))
     assert r.returncode == 0, r.stderr
     for word in ("restart", "checkpoints-gc", "dlq-replay", "failed", getpass.getuser(), flow_run_id):
