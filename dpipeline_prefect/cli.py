@@ -594,14 +594,9 @@ def alerts_install(
         from .alerts import install
         from .config import load_config
 
-        from .audit import audited
-
         cfg = load_config(pipeline)
         url = _server_api_url()
-        # Audited without the webhook URL (a secret): who installed which automations.
-        with audited("alerts-install", cfg.name, None, {"no_data_within": no_data_within}) as rec:
-            res = install(cfg.name, webhook, no_data_within)
-            rec.details.update(automations=res.automations)
+        res = install(cfg.name, webhook, no_data_within)  # audited inside (alerts-install)
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return
