@@ -214,8 +214,11 @@ def test_encrypted_run_on_dask_workers_keeps_no_plaintext_rows(tmp_path, sensiti
     secrets = [f"{SECRET_MARK}{i:08d}".encode() for i in poison]
     for f in objects:
         raw = f.read_bytes()
-        assert raw.startswith(ENC_MAGIC), f
-        assert SECRET_MARK.encode() not in raw and b"PAR1" not in raw[:4], f
+        # no object beside the sink holds a sensitive value (run metrics and breaker state are
+        # plaintext JSON of figures; checkpoints and dead letters are sealed)
+        assert SECRET_MARK.encode() not in raw, f
+        if f in dlq_files or f in ckpts:
+            assert raw.startswith(ENC_MAGIC) and b"PAR1" not in raw[:4], f
     # the rows are there, sealed: decrypting with the key (bound to the file name) finds them
     found = set()
     pipeline_aad = {"what": "dead_letter", "pipeline": cfg["name"], "run_key": "r1"}
