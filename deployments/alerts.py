@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pipeline", help="pipeline YAML file")
     ap.add_argument("--no-data-within", default=None, help="e.g. 1d, 12h: alert when no run completes")
+    ap.add_argument("--crashed-after", default="10m",
+                    help="mark a run Crashed when its heartbeats stopped this long ago ('off': no)")
     args = ap.parse_args(argv)
     url = os.environ.get("DPIPELINE_ALERT_WEBHOOK")
     if not url:
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = load_config(args.pipeline)
     interval = parse_interval(args.no_data_within) if args.no_data_within else None
-    res = install(cfg.name, url, interval)
+    crashed = None if args.crashed_after == "off" else parse_interval(args.crashed_after, "--crashed-after")
+    res = install(cfg.name, url, interval, crashed)
     for name, what in res.automations.items():
         print(f"{name}: {what}")
     print(f"block: {res.block}")

@@ -21,6 +21,9 @@
                             reached ``monitoring.dead_letter_alert_rows``)
   ``no-completed-run``      proactive: no ``dpipeline.run.completed`` within the interval
                             (only with ``--no-data-within``)
+  ``crash-detection``       not a notification: a run that stopped heartbeating without
+                            ending (SIGKILL, a lost machine) for ``--crashed-after`` (10 min)
+                            is set Crashed, so ``run-failed`` reports it
   ========================  ==========================================================
 
 Each install is audited (``dpipeline.audit.alerts-install`` events, see ``audit.py``).
@@ -54,7 +57,14 @@ __all__ = [
     "remove",
 ]
 
-KINDS = ("run-failed", "breaker-opened", "dead-letter-threshold", "no-completed-run")
+KINDS = ("run-failed", "breaker-opened", "dead-letter-threshold", "no-completed-run", "crash-detection")
+#: A run killed with SIGKILL (or whose machine died) sends no state change: it stays Running.
+#: Prefect's recipe for that: a flow run that heartbeated and then neither heartbeated again
+#: nor ended within this long is marked Crashed, which the run-failed alert then reports.
+#: Flow runs heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (180 by default).
+DEFAULT_CRASHED_AFTER = timedelta(minutes=10)
+_TERMINAL = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+             "prefect.flow-run.Crashed"}
 BREAKER_QUIET = timedelta(minutes=5)  # one breaker notification per pipeline per window
 MIN_INTERVAL = timedelta(seconds=10)  # Prefect's minimum for proactive triggers
 _SECRET_KEY = "webhook_url"
@@ -81,16 +91,17 @@ def block_name(pipeline: str) -> str:
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_interval(text: str) -> timedelta:
+def parse_interval(text: str, option: str = "--no-data-within") -> timedelta:
     """``"90s"``, ``"30m"``, ``"12h"``, ``"1d"``, ``"2w"`` (or plain seconds) as a timedelta."""
+    field = option.lstrip("-").replace("-", "_")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*", text or "")
     if not m:
-        raise ConfigError(f"--no-data-within {text!r}: expected a number with s, m, h, d or w "
-                          "(e.g. 1d, 12h, 30m)", field="no_data_within")
+        raise ConfigError(f"{option} {text!r}: expected a number with s, m, h, d or w "
+                          "(e.g. 1d, 12h, 30m)", field=field)
     td = timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2) or "s"])
     if td < MIN_INTERVAL:
-        raise ConfigError(f"--no-data-within {text!r}: Prefect's proactive triggers need at "
-                          f"least {int(MIN_INTERVAL.total_seconds())} s", field="no_data_within")
+        raise ConfigError(f"{option} {text!r}: Prefect's proactive triggers need at "
+                          f"least {int(MIN_INTERVAL.total_seconds())} s", field=field)
     return td
 
 
@@ -99,9 +110,16 @@ def _pipeline_resource(pipeline: str) -> str:
 
 
 def build_automations(pipeline: str, block_document_id: Any,
-                      no_data_within: timedelta | None = None) -> list:
-    """The automations of ``pipeline`` (not yet saved), notifying through the given block."""
-    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+                      no_data_within: timedelta | None = None,
+                      crashed_after: timedelta | None = DEFAULT_CRASHED_AFTER) -> list:
+    """The automations of ``pipeline`` (not yet saved), notifying through the given block.
+
+    ``crashed_after`` (None: none) adds ``crash-detection``, which marks a run Crashed when it
+    stopped heartbeating without ending (it must exceed the heartbeat frequency).
+    """
+    from prefect.automations import (Automation, ChangeFlowRunState, EventTrigger, Posture,
+                                     SendNotification)
+    from prefect.client.schemas.objects import StateType
 
     res = _pipeline_resource(pipeline)
 
@@ -160,6 +178,25 @@ def build_automations(pipeline: str, block_document_id: Any,
             ),
         ),
     ]
+    if crashed_after is not None:
+        autos.append(Automation(
+            name=automation_name(pipeline, "crash-detection"),
+            description=f"A flow run of pipeline {pipeline} that stopped heartbeating for "
+                        f"{crashed_after} without ending is marked Crashed.",
+            tags=["dpipeline", pipeline_tag(pipeline)],
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", *_TERMINAL},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.id": f"prefect.tag.{pipeline_tag(pipeline)}"},
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive, threshold=1, within=crashed_after,
+            ),
+            actions=[ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {crashed_after}: the process running the flow is gone "
+                        "(killed, or its machine stopped)")],
+        ))
     if no_data_within is not None:
         autos.append(Automation(
             name=automation_name(pipeline, "no-completed-run"),
@@ -208,7 +245,8 @@ def _check_url(url: str) -> None:
         raise ConfigError("--webhook: expected an http:// or https:// URL", field="webhook")
 
 
-def install(pipeline: str, webhook_url: str, no_data_within: timedelta | str | None = None) -> AlertInstall:
+def install(pipeline: str, webhook_url: str, no_data_within: timedelta | str | None = None,
+            crashed_after: timedelta | str | None = DEFAULT_CRASHED_AFTER) -> AlertInstall:
     """Create or update the alerts of ``pipeline`` on the current Prefect API (idempotent).
 
     Args:
@@ -217,26 +255,32 @@ def install(pipeline: str, webhook_url: str, no_data_within: timedelta | str | N
             Stored only as a block secret.
         no_data_within: add the proactive "no completed run within" alert (``"1d"`` or a
             timedelta); ``None`` removes it if an earlier install made it.
+        crashed_after: mark a run Crashed (and so alert) when it stopped heartbeating this
+            long ago without ending; ``None`` leaves crash detection out.
     """
     from .audit import audited
 
     _check_url(webhook_url)
     if isinstance(no_data_within, str):
         no_data_within = parse_interval(no_data_within)
+    if isinstance(crashed_after, str):
+        crashed_after = parse_interval(crashed_after, "--crashed-after")
     # audited (audit.py): the events name the pipeline and what changed, never the URL
     with audited("alerts-install", pipeline, None,
-                 {"no_data_within": str(no_data_within) if no_data_within else None}) as a:
-        res = _install(pipeline, webhook_url, no_data_within)
+                 {"no_data_within": str(no_data_within) if no_data_within else None,
+                  "crashed_after": str(crashed_after) if crashed_after else None}) as a:
+        res = _install(pipeline, webhook_url, no_data_within, crashed_after)
         a.details["automations"] = res.automations
     return res
 
 
-def _install(pipeline: str, webhook_url: str, no_data_within: timedelta | None) -> AlertInstall:
+def _install(pipeline: str, webhook_url: str, no_data_within: timedelta | None,
+             crashed_after: timedelta | None) -> AlertInstall:
     from prefect import get_client
 
     try:
         block_id = _save_block(pipeline, webhook_url)
-        wanted = build_automations(pipeline, block_id, no_data_within)
+        wanted = build_automations(pipeline, block_id, no_data_within, crashed_after)
         done: dict[str, str] = {}
         with get_client(sync_client=True) as client:
             for auto in wanted:

@@ -588,6 +588,10 @@ def alerts_install(
     no_data_within: Optional[str] = typer.Option(
         None, "--no-data-within",
         help="Also alert when no run completes within this interval (e.g. 1d, 12h, 30m)."),
+    crashed_after: str = typer.Option(
+        "10m", "--crashed-after",
+        help="Mark a run Crashed (and alert) when it stopped heartbeating this long ago without "
+             "ending; must exceed PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by default). 'off': none."),
 ) -> None:
     """Create or update the pipeline's alert automations (re-running updates, never duplicates)."""
     try:
@@ -596,7 +600,8 @@ def alerts_install(
 
         cfg = load_config(pipeline)
         url = _server_api_url()
-        res = install(cfg.name, webhook, no_data_within)  # audited inside (alerts-install)
+        res = install(cfg.name, webhook, no_data_within,
+                      None if crashed_after.strip().lower() == "off" else crashed_after)  # audited inside
     except Exception as e:  # noqa: BLE001
         _fail(e, False)
         return

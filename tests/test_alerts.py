@@ -147,15 +147,15 @@ def test_install_twice_updates_lists_and_removes_without_showing_the_url(tmp_pat
     try:
         r1 = run_cli("alerts", "install", str(y), "--webhook", receiver.url, "--no-data-within", "1d")
         assert r1.returncode == 0, r1.stderr
-        assert r1.stdout.count("created") == 4, r1.stdout
+        assert r1.stdout.count("created") == 5, r1.stdout
         first = {a.name: a.id for a in _automations(name)}
-        assert len(first) == 4
+        assert len(first) == 5
 
         # again, the URL from the environment this time: same automations, updated in place
         r2 = run_cli("alerts", "install", str(y), "--no-data-within", "12h",
                      env={"DPIPELINE_ALERT_WEBHOOK": receiver.url})
         assert r2.returncode == 0, r2.stderr
-        assert r2.stdout.count("updated") == 4 and "created" not in r2.stdout, r2.stdout
+        assert r2.stdout.count("updated") == 5 and "created" not in r2.stdout, r2.stdout
         again = _automations(name)
         assert {a.name: a.id for a in again} == first
         no_data = next(a for a in again if a.name.endswith("/no-completed-run"))
@@ -165,7 +165,7 @@ def test_install_twice_updates_lists_and_removes_without_showing_the_url(tmp_pat
         r3 = run_cli("alerts", "install", str(y), "--webhook", receiver.url)
         assert r3.returncode == 0, r3.stderr
         assert "deleted" in r3.stdout
-        assert len(_automations(name)) == 3
+        assert len(_automations(name)) == 4
 
         # the same from Python code (deployments/alerts.py): updated, still not duplicated
         import subprocess
@@ -176,12 +176,12 @@ def test_install_twice_updates_lists_and_removes_without_showing_the_url(tmp_pat
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "DPIPELINE_ALERT_WEBHOOK": receiver.url})
         assert code.returncode == 0, code.stderr
-        assert code.stdout.count(": updated") == 3 and receiver.token not in code.stdout + code.stderr
-        assert len(_automations(name)) == 3
+        assert code.stdout.count(": updated") == 4 and receiver.token not in code.stdout + code.stderr
+        assert len(_automations(name)) == 4
 
         ls = run_cli("alerts", "ls", str(y))
         assert ls.returncode == 0, ls.stderr
-        for kind in ("run-failed", "breaker-opened", "dead-letter-threshold"):
+        for kind in ("run-failed", "breaker-opened", "dead-letter-threshold", "crash-detection"):
             assert f"dpipeline/{name}/{kind}" in ls.stdout
         assert "no-completed-run" not in ls.stdout
 
@@ -218,7 +218,7 @@ def test_install_twice_updates_lists_and_removes_without_showing_the_url(tmp_pat
     finally:
         rm = run_cli("alerts", "remove", str(y))
     assert rm.returncode == 0, rm.stderr
-    assert "removed 4" in rm.stdout, rm.stdout  # 3 automations and the block
+    assert "removed 5" in rm.stdout, rm.stdout  # 4 automations and the block
     assert _automations(name) == []
 
 
@@ -305,6 +305,36 @@ def test_dead_letter_threshold_notifies_the_webhook(tmp_path, small_input, recei
         msg = receiver.wait_for(lambda m: "dead-lettered rows" in m.get("subject", ""))
         assert msg is not None, f"no dead-letter notification within {NOTIFY_WITHIN_S:.0f} s; got {receiver.got}"
         assert "(threshold 3) in run key dl" in msg["body"], msg
+    finally:
+        remove(cfg["name"])
+
+
+@pytest.mark.slow
+def test_killed_run_is_marked_crashed_and_notified(tmp_path, small_input, receiver, prefect_server):
+    """SIGKILL of the whole run (no state change is ever sent): crash detection sees its
+    heartbeats stop, sets it Crashed, and the run-failed alert reports that."""
+    from prefect import get_client
+
+    from dpipeline_prefect.alerts import install, remove
+
+    src, _ = small_input
+    cfg = _cfg(tmp_path, src)
+    y = write_yaml(tmp_path / "p.yaml", cfg)
+    install(cfg["name"], receiver.url, crashed_after="45s")  # heartbeats every 30 s below
+    try:
+        r = run_cli("run", str(y), "--run-key", "kill", "--summary-json", str(tmp_path / "s.json"),
+                    env={"DPIPELINE_CRASHPOINT": "finalize", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+        assert r.returncode == -9, (r.returncode, r.stderr)  # killed, so no summary
+        msg = receiver.wait_for(lambda m: "Crashed" in m.get("subject", ""), timeout=150)
+        assert msg is not None, f"no crash notification within 150 s; got {receiver.got}"
+        assert msg["subject"] == f"dpipeline {cfg['name']}: run {cfg['name']}-kill Crashed"
+        assert "no heartbeat for 0:00:45" in msg["body"]
+        with get_client(sync_client=True) as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[f"{cfg['name']}-kill"])))
+        assert [fr.state.type.value for fr in runs] == ["CRASHED"]
     finally:
         remove(cfg["name"])
 
