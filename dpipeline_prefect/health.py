@@ -237,8 +237,9 @@ def check_health(cfg: PipelineConfig) -> list[Check]:
     if cfg.dead_letter is not None:
         from .dead_letter import dead_letter_url
 
-        url, opts = dead_letter_url(cfg, "{run_key}")
-        dl = _folder(url)
+        marker = "dpipeline-health-run-key"  # a valid run key, cut off again: the folder above it
+        url, opts = dead_letter_url(cfg, marker)
+        dl = url.split(marker, 1)[0].rstrip("/") + "/"
         run(f"dead letter {dl}", lambda: _probe(dl, opts))
     if cfg.limits:
         if server["up"]:
