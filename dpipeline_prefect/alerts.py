@@ -71,7 +71,7 @@ _SECRET_KEY = "webhook_url"
 
 
 def pipeline_tag(pipeline: str) -> str:
-    """The tag every flow run of ``pipeline`` carries (set in ``flows.py``)."""
+    """The tag every flow run of ``pipeline`` carries (set in ``pipeline.py``; kept off its task runs)."""
     return f"dpipeline:{pipeline}"
 
 

@@ -350,6 +350,11 @@ class DeadLetterConfig(_Model):
     def _storage_tls(cls, v: Any) -> Any:
         return _tls_checked(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _block(cls, data: Any) -> Any:
+        return _block_into_options(data, "dead_letter")
+
     max_fraction: float = Field(
         0.01,
         ge=0.0,
@@ -394,11 +399,6 @@ class EncryptionConfig(_Model):
         if self.key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.key_env):
             raise ValueError(f"encryption.key_env {self.key_env!r} is not an environment variable name")
         return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _block(cls, data: Any) -> Any:
-        return _block_into_options(data, "dead_letter")
 
 
 class RetryConfig(_Model):

@@ -543,4 +543,17 @@ def sharded_pipeline(pipeline: PipelineConfig, run_key: str = "default", restart
         run_key: identifies this run's checkpoints and output; re-use it to resume.
         restart: discard this run key's checkpoints and output and start over.
     """
-    return execute(pipeline, run_key, restart)
+    with _without_own_tag(pipeline.name):
+        return execute(pipeline, run_key, restart)
+
+
+def _without_own_tag(pipeline: str):
+    """Task runs must not inherit the flow run's ``dpipeline:<pipeline>`` tag (``alerts.py``
+    needs it on the flow run only): Prefect's task engine takes a tag-concurrency slot
+    (``tag:<tag>``, an acquire and a release API call) for every task run that has tags."""
+    from prefect.context import TagsContext
+
+    from .alerts import pipeline_tag
+
+    current = set(TagsContext.get().current_tags or ())
+    return TagsContext(current_tags=current - {pipeline_tag(pipeline)})
