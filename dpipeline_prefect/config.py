@@ -548,6 +548,11 @@ class MonitoringConfig(_Model):
         "it runs (0: any free port, logged).",
     )
     prometheus_addr: str = Field("127.0.0.1", description="Address the /metrics server listens on.")
+    prometheus_linger_s: float = Field(
+        0.0, ge=0.0, le=3600.0,
+        description="Keep serving /metrics this long after the run ends, so that a scraper sees "
+        "the final figures of a run shorter than its scrape interval.",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="json: dpipeline log lines on the console as one JSON object per line."
     )

@@ -67,6 +67,11 @@ class RunMonitor:
             except ValueError:
                 pass
         if self.server is not None:
+            linger = self.cfg.monitoring.prometheus_linger_s
+            if linger:
+                import time
+
+                time.sleep(linger)  # the shard results are merged: these are the final figures
             self.server.stop()
             self.server = None
 

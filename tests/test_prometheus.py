@@ -67,7 +67,8 @@ def test_metrics_are_served_during_the_run_for_all_workers(tmp_path: Path):
             "sink": {"format": "parquet", "path": str(tmp_path / "out")},
             "checkpoint": {"path": str(tmp_path / "ckpt")},
             "runner": {"kind": "dask", "address": cluster.scheduler_address},
-            "monitoring": {"prometheus_port": port},
+            # the last shard result may come less than a scrape interval before the run ends
+            "monitoring": {"prometheus_port": port, "prometheus_linger_s": 1.0},
         }
         t = threading.Thread(target=scraper, daemon=True)
         t.start()
@@ -82,7 +83,8 @@ def test_metrics_are_served_during_the_run_for_all_workers(tmp_path: Path):
     fam = "dpipeline_rows_in"
     mid = [f for f in scrapes if 0 < _value(f, fam, "dpipeline_rows_in_total", pipeline=name, run_key="p1") < 6000]
     assert mid, f"no scrape caught the run mid-way ({len(scrapes)} scrapes)"
-    # the last scrape while serving: every batch of every shard, from both worker processes
+    # the last scrape while serving (the run's final figures, served 1 s after it ended):
+    # every batch of every shard, from both worker processes
     last = max(scrapes, key=lambda f: _value(f, fam, "dpipeline_rows_in_total", pipeline=name))
     assert _value(last, fam, "dpipeline_rows_in_total", pipeline=name, run_key="p1") == 6000
     assert {s.labels["shard"] for s in last[fam]} == {"f00000", "f00001", "f00002"}
