@@ -10,6 +10,10 @@ STAMP  := $(VENV)/.dpipeline-install.stamp
 # per-test limit (pytest-timeout): a hung service or flow fails its test instead of the run
 PYTEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (each starts its own services on free ports; a test
+# file stays on one worker so module fixtures are shared); 0 runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 TESTS ?= tests
 
 .PHONY: venv test demo bench lint clean chaos
@@ -24,7 +28,8 @@ $(STAMP): pyproject.toml
 
 # Exit code 5 means pytest collected no tests: report it loudly, do not fail the target.
 test: venv
-	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) $(TESTS) || rc=$$?; \
+	@tools/ensure_chromium.sh
+	@rc=0; $(PY) -m pytest -q -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) $(XDIST) $(PYTEST_ARGS) $(TESTS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The chaos suite alone (tests/chaos plus the fault tests it reuses), then RELIABILITY.md from
