@@ -33,7 +33,7 @@ from .retry import RetryPolicy, prefect_task_options, retry_condition
 from .errors import ConfigError, DPipelineError, PipelineChangedError, TerminalError
 from .sharding import Sharder
 from .shard import RunContext, ShardResult, ShardSpec, process_shard
-from .shuffle import run_map
+from .shuffle import run_map, stage_seal
 from .sinks import Sink
 from .sources import InputFile, plan_source, schema_from_b64, schema_to_b64
 from .storage import Storage, cached_storage, join
@@ -62,7 +62,8 @@ def shuffle_task(ctx: RunContext, split: int, file: dict) -> dict:
     work = cached_storage(ctx.work_url, cfg.checkpoint.storage_options, "checkpoint")
     ckpt = cached_storage(cfg.checkpoint.path, cfg.checkpoint.storage_options, "checkpoint")
     res = run_map(split, InputFile.from_dict(file), source, cfg.source.format,
-                  schema_from_b64(ctx.schema_b64), Sharder(cfg.sharding), work)
+                  schema_from_b64(ctx.schema_b64), Sharder(cfg.sharding), work,
+                  seal=stage_seal(cfg, ctx.run_key))
     doc = {"done": True, "outputs": res.outputs, "sizes": res.sizes, "labels": res.labels,
            "rows_in": res.rows_in,
            "bytes_read": res.bytes_read}

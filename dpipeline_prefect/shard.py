@@ -45,7 +45,7 @@ from .logs import configure as configure_logs, log_context, set_batch
 from .metrics import ShardMetrics
 from .progress import report
 from .retry import RetryPolicy, call_with_retry
-from .shuffle import read_staged
+from .shuffle import read_staged, stage_seal
 from .sinks import Sink
 from .sources import InputFile, read_batches, schema_from_b64
 from .storage import Storage, cached_storage
@@ -119,13 +119,14 @@ def _storages(ctx: RunContext) -> tuple[Storage, Storage, Storage]:
 def _stream(ctx: RunContext, spec: ShardSpec, source: Storage, work: Storage, schema: pa.Schema, skip: int, counters: dict):
     """The shard's deterministic row stream, from row ``skip`` on."""
     fmt = ctx.cfg.source.format
+    seal = stage_seal(ctx.cfg, ctx.run_key) if spec.staged else None
     for d in spec.inputs:
         f = InputFile.from_dict(d)
         if f.rows is not None and skip >= f.rows:
             skip -= f.rows
             continue
         counters["bytes_read"] += f.size
-        it = read_staged(work, f.path, skip) if spec.staged else read_batches(source, f, fmt, schema, skip)
+        it = read_staged(work, f.path, skip, seal) if spec.staged else read_batches(source, f, fmt, schema, skip)
         skip = 0
         yield from it
 

@@ -13,6 +13,15 @@ A map task is idempotent: its outputs have deterministic names, each is publishe
 when complete (temp name + rename on disk; a single multipart upload completed on close on S3),
 and the task's completion is recorded in the checkpoint store only after all its outputs are
 closed. A map task killed half-way is simply run again.
+
+At rest: with an ``encryption`` section (``crypto.py``) every staged file is sealed with
+AES-256-GCM, bound to its pipeline, run key, shard and file name (:class:`StageSeal`). The
+IPC stream is then built in memory (never in a plaintext temporary file), sealed and published
+atomically on close; a reader authenticates the whole file before yielding a row, so a
+modified, truncated or misplaced staged file (another shard, split, run or pipeline) is refused
+with :class:`~dpipeline_prefect.crypto.DecryptionError` instead of feeding wrong rows. The cost
+is memory: a map task holds its split's staged rows (LZ4-compressed) until it closes them, and a
+shard holds one decrypted staged file at a time. Without encryption nothing changes.
 """
 
 from __future__ import annotations
@@ -20,16 +29,22 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from .crypto import Cipher, aad, cipher_for, is_encrypted
+from .errors import EncryptionError
 from .faults import crashpoint
 from .sharding import Sharder
 from .sources import InputFile, read_batches, skip_leading_rows
 from .storage import Storage, translate_errors
 
-__all__ = ["MapResult", "run_map", "staged_path", "read_staged"]
+if TYPE_CHECKING:
+    from .config import PipelineConfig
+
+__all__ = ["MapResult", "StageSeal", "run_map", "stage_seal", "staged_path", "read_staged"]
 
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
@@ -48,11 +63,46 @@ def staged_path(work: Storage, shard_id: str, split: int) -> str:
     return work.path("shuffle", shard_id, f"split-{split:05d}.arrow")
 
 
+@dataclass(frozen=True)
+class StageSeal:
+    """How staged files of one run are sealed: the pipeline's cipher and what each file binds to."""
+
+    cipher: Cipher
+    pipeline: str
+    run_key: str
+
+    def aad(self, path: str) -> bytes:
+        """Associated data of the staged file at ``path`` (``.../shuffle/<shard>/<file>``)."""
+        parts = path.replace("\\", "/").rstrip("/").split("/")
+        return aad(what="shuffle", pipeline=self.pipeline, run_key=self.run_key,
+                   shard=parts[-2], file=parts[-1])
+
+    def seal(self, path: str, data: bytes) -> bytes:
+        return self.cipher.encrypt(data, self.aad(path))
+
+    def open(self, path: str, blob: bytes, url: str) -> bytes:
+        if not is_encrypted(blob):
+            raise EncryptionError(
+                f"staged shuffle file {url} is not encrypted although this pipeline encrypts "
+                "its staged rows: refused", path=url)
+        return self.cipher.decrypt(blob, self.aad(path), url)
+
+
+def stage_seal(cfg: "PipelineConfig", run_key: str) -> StageSeal | None:
+    """The :class:`StageSeal` of a run, or None when the pipeline has no ``encryption`` section."""
+    cipher = cipher_for(cfg.encryption)
+    return None if cipher is None else StageSeal(cipher, cfg.name, run_key)
+
+
 class _StagedWriter:
-    def __init__(self, work: Storage, path: str, schema: pa.Schema) -> None:
+    def __init__(self, work: Storage, path: str, schema: pa.Schema, seal: StageSeal | None = None) -> None:
         self.work = work
         self.path = path
-        if work.is_local:
+        self.seal = seal
+        if seal is not None:  # plaintext only in memory; sealed and published in close()
+            self.tmp = None
+            self.f = pa.BufferOutputStream()
+        elif work.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
             self.f = open(self.tmp, "wb")
@@ -69,6 +119,11 @@ class _StagedWriter:
 
     def close(self) -> None:
         self.writer.close()
+        if self.seal is not None:
+            blob = self.seal.seal(self.path, self.f.getvalue().to_pybytes())
+            self.work.write_bytes(self.path, blob)  # atomic: temp + rename, or one PUT
+            self.size = len(blob)
+            return
         self.size = self.f.tell()
         self.f.close()
         if self.tmp:
@@ -84,8 +139,12 @@ def run_map(
     sharder: Sharder,
     work: Storage,
     chunk_rows: int = 131_072,
+    seal: StageSeal | None = None,
 ) -> MapResult:
-    """Regroup one input file by shard into staged files; return per-shard row counts."""
+    """Regroup one input file by shard into staged files; return per-shard row counts.
+
+    With ``seal`` (encryption on) each staged file is sealed before it is published.
+    """
     res = MapResult(split)
     writers: dict[int, _StagedWriter] = {}
     try:
@@ -104,7 +163,8 @@ def run_map(
                     w = writers.get(code)
                     if w is None:
                         sid = sharder.shard_id(code)
-                        w = writers[code] = _StagedWriter(work, staged_path(work, sid, split), schema)
+                        w = writers[code] = _StagedWriter(
+                            work, staged_path(work, sid, split), schema, seal)
                         res.labels[sid] = sharder.label(code)
                     w.write(table.slice(int(lo), int(hi - lo)))
             for i, (code, w) in enumerate(writers.items()):
@@ -127,7 +187,26 @@ def run_map(
     return res
 
 
-def read_staged(work: Storage, path: str, skip_rows: int = 0):
-    """Stream a staged file's record batches, skipping the first ``skip_rows`` rows."""
+def read_staged(work: Storage, path: str, skip_rows: int = 0, seal: StageSeal | None = None):
+    """Stream a staged file's record batches, skipping the first ``skip_rows`` rows.
+
+    With ``seal`` the file is read whole and authenticated first (:class:`StageSeal`).
+    """
+    if seal is not None:
+        blob = work.read_bytes(path)
+        with translate_errors(path):
+            data = seal.open(path, blob, work.unstrip(path))
+            yield from skip_leading_rows(pa.ipc.open_stream(pa.BufferReader(data)), skip_rows)
+        return
     with translate_errors(path), work.fs.open(path, "rb") as f:
-        yield from skip_leading_rows(pa.ipc.open_stream(f), skip_rows)
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            if is_encrypted(f.read(4)):
+                raise EncryptionError(
+                    f"staged shuffle file {work.unstrip(path)} is encrypted but this pipeline has "
+                    "no encryption section: configure encryption.key_env or "
+                    "encryption.key_secret_block", path=work.unstrip(path)) from None
+            raise
+        yield from skip_leading_rows(reader, skip_rows)

@@ -17,15 +17,19 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from dpipeline_prefect.checkpoint import CheckpointStore, gc, list_runs
-from dpipeline_prefect.config import parse_config
+from dpipeline_prefect.config import ShardingConfig, parse_config
 from dpipeline_prefect.crypto import ENC_MAGIC, Cipher, aad, cipher_for, new_key, parse_key
 from dpipeline_prefect.dead_letter import DeadLetterStore, read_queue
 from dpipeline_prefect.errors import CheckpointCorruptError, ConfigError, EncryptionError
 from dpipeline_prefect.pipeline import Pipeline
+from dpipeline_prefect.sharding import Sharder
+from dpipeline_prefect.shuffle import StageSeal, read_staged, run_map, staged_path
+from dpipeline_prefect.sources import plan_source
 from dpipeline_prefect.storage import Storage
 
 from .pipeline_helpers import assert_exactly_once, flights, reference, run_cli, write_parquet_files, write_yaml
@@ -333,3 +337,95 @@ def test_stream_state_and_late_rows_are_encrypted_too(tmp_path, monkeypatch):
     write_slice(tmp_path / "in", len(slices), slices[-1].iloc[:10])
     with pytest.raises(CheckpointCorruptError, match="wrong key"):
         run_increment(cfg)
+
+
+# -- staged rows of keyed sharding -----------------------------------------------------------------
+
+
+def _seal(run: str = "r1", pipeline: str = "p", key: str = KEY) -> StageSeal:
+    return StageSeal(Cipher(parse_key(key, "test")), pipeline, run)
+
+
+def _staged(work: Path, sensitive, seal: StageSeal | None) -> tuple[dict, Storage, pa.Schema]:
+    """Run the map step of a 3-shard hash sharding over the first sensitive input file."""
+    src, _ = sensitive
+    plan = plan_source(parse_config({"name": "p", "source": {"path": str(src)},
+                                     "sink": {"path": str(work / "o")}}).source)
+    storage = Storage(str(work))
+    res = run_map(0, plan.files[0], Storage(str(src)), "parquet", plan.schema,
+                  Sharder(ShardingConfig(strategy="hash", key="carrier", shards=3)), storage, seal=seal)
+    return res.outputs, storage, plan.schema
+
+
+def _read(storage: Storage, path: str, seal: StageSeal | None, skip: int = 0) -> pa.Table:
+    return pa.Table.from_batches(list(read_staged(storage, path, skip, seal)))
+
+
+def test_staged_files_are_sealed_and_bound_to_their_shard(tmp_path, sensitive):
+    outputs, work, _ = _staged(tmp_path / "enc", sensitive, _seal())
+    plain_out, plain, _ = _staged(tmp_path / "plain", sensitive, None)
+    assert outputs == plain_out and len(outputs) == 3
+    sids = sorted(outputs)
+    for sid in sids:
+        path = staged_path(work, sid, 0)
+        raw = Path(path).read_bytes()
+        assert raw.startswith(ENC_MAGIC) and SECRET_MARK.encode() not in raw
+        # same rows as the plaintext staged file; skipping works on the decrypted stream
+        want = _read(plain, staged_path(plain, sid, 0), None)
+        assert Path(staged_path(plain, sid, 0)).read_bytes()[:4] == b"\xff\xff\xff\xff"  # IPC, as before
+        assert _read(work, path, _seal()).equals(want)
+        assert _read(work, path, _seal(), skip=7).equals(want.slice(7))
+    assert not [f for f in (tmp_path / "enc").rglob("*.tmp")]
+
+    a, b = (Path(staged_path(work, s, 0)) for s in sids[:2])
+    # a staged file swapped in from another shard (same key, pipeline and run): refused
+    shutil.copyfile(b, a)
+    with pytest.raises(EncryptionError, match="authentication failed") as e:
+        _read(work, str(a), _seal())
+    assert str(a) in str(e.value) and KEY not in str(e.value)
+    # another run key, another pipeline, another key: refused
+    with pytest.raises(EncryptionError, match="authentication failed"):
+        _read(work, str(b), _seal(run="r2"))
+    with pytest.raises(EncryptionError, match="authentication failed"):
+        _read(work, str(b), _seal(pipeline="q"))
+    with pytest.raises(EncryptionError, match="wrong key"):
+        _read(work, str(b), _seal(key=OTHER_KEY))
+    # a flipped bit or a truncated file: refused before any row is yielded
+    raw = bytearray(b.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    b.write_bytes(bytes(raw))
+    with pytest.raises(EncryptionError, match="authentication failed"):
+        next(read_staged(work, str(b), 0, _seal()))
+    b.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(EncryptionError, match="authentication failed"):
+        next(read_staged(work, str(b), 0, _seal()))
+    # the configuration must match the stored files, both ways
+    c = staged_path(work, sids[2], 0)
+    with pytest.raises(EncryptionError, match="is encrypted but this pipeline has no encryption"):
+        next(read_staged(work, c, 0, None))
+    with pytest.raises(EncryptionError, match="is not encrypted although"):
+        next(read_staged(plain, staged_path(plain, sids[0], 0), 0, _seal()))
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_keyed_run_killed_in_the_shuffle_keeps_no_plaintext_rows_then_resumes(tmp_path, sensitive):
+    src, df = sensitive
+    cfg, p = _pipeline(tmp_path, src, [], "threads", encryption={"key_env": "DPL_ENC_KEY"},
+                       sharding={"strategy": "hash", "key": "carrier", "shards": 4})
+    env = {"DPL_ENC_KEY": KEY}
+    r = run_cli("run", str(p), "--run-key", "k", env={**env, "DPIPELINE_CRASHPOINT": "shuffle"})
+    assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+    objects = [f for f in (tmp_path / "ckpt").rglob("*") if f.is_file()]
+    staged = [f for f in objects if f.suffix == ".arrow"]
+    assert staged, objects  # the kill left staged files behind (half of a map task's shards)
+    for f in objects:
+        raw = f.read_bytes()
+        assert SECRET_MARK.encode() not in raw, f
+        if f in staged:
+            assert raw.startswith(ENC_MAGIC), f
+    assert not (tmp_path / "out" / "k").exists() or not list((tmp_path / "out" / "k").rglob("*.parquet"))
+    r = run_cli("run", str(p), "--run-key", "k", env=env)
+    assert r.returncode == 0, r.stderr
+    assert KEY not in r.stdout + r.stderr
+    assert_exactly_once(str(tmp_path / "out" / "k"), reference(df))
