@@ -425,7 +425,38 @@ def test_keyed_run_killed_in_the_shuffle_keeps_no_plaintext_rows_then_resumes(tm
         if f in staged:
             assert raw.startswith(ENC_MAGIC), f
     assert not (tmp_path / "out" / "k").exists() or not list((tmp_path / "out" / "k").rglob("*.parquet"))
+    # resume, killed again before the first batch write: every split is staged and recorded now
+    r = run_cli("run", str(p), "--run-key", "k", env={**env, "DPIPELINE_CRASHPOINT": "before_write"})
+    assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+    shuffle = next((tmp_path / "ckpt").rglob("shuffle"))
+    a, b = sorted(shuffle.glob("*/split-00000.arrow"))[:2]
+    original = a.read_bytes()
+    # one shard's staged file swapped in from another shard: the resume refuses it, naming it
+    shutil.copyfile(b, a)
+    r = run_cli("run", str(p), "--run-key", "k", env=env)
+    assert r.returncode != 0
+    assert "authentication failed" in r.stderr and f"{a.parent.name}/{a.name}" in r.stderr, r.stderr
+    a.write_bytes(original)
     r = run_cli("run", str(p), "--run-key", "k", env=env)
     assert r.returncode == 0, r.stderr
     assert KEY not in r.stdout + r.stderr
     assert_exactly_once(str(tmp_path / "out" / "k"), reference(df))
+
+
+@pytest.mark.s3
+def test_staged_files_on_s3_are_sealed(s3, tmp_path, sensitive):
+    src, _ = sensitive
+    plan = plan_source(parse_config({"name": "p", "source": {"path": str(src)},
+                                     "sink": {"path": str(tmp_path / "o")}}).source)
+    work = Storage(f"s3://ckpt/{uuid.uuid4().hex}/work", s3.storage_options())
+    res = run_map(1, plan.files[1], Storage(str(src)), "parquet", plan.schema,
+                  Sharder(ShardingConfig(strategy="hash", key="carrier", shards=2)), work, seal=_seal())
+    a, b = (staged_path(work, sid, 1) for sid in sorted(res.outputs))
+    for path, sid in ((a, sorted(res.outputs)[0]), (b, sorted(res.outputs)[1])):
+        raw = work.read_bytes(path)
+        assert raw.startswith(ENC_MAGIC) and SECRET_MARK.encode() not in raw
+        assert res.sizes[sid] == len(raw)
+        assert _read(work, path, _seal()).num_rows == res.outputs[sid]
+    work.write_bytes(a, work.read_bytes(b))
+    with pytest.raises(EncryptionError, match="authentication failed"):
+        _read(work, a, _seal())
