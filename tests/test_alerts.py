@@ -234,7 +234,7 @@ def test_breaker_opening_notifies_the_webhook_within_a_minute(tmp_path, small_in
     cfg = _cfg(tmp_path, src,
                sink={"format": "parquet", "path": f"flaky://{tmp_path / 'out'}"},
                retry={"max_attempts": 30, "base_delay_s": 0.05, "max_delay_s": 0.3, "jitter": 0.2},
-               breaker={"failure_rate": 0.35, "min_calls": 4, "window_s": 1.0, "open_s": 0.3,
+               breaker={"failure_rate": 0.35, "min_calls": 4, "window_s": 10.0, "open_s": 0.3,
                         "half_open_calls": 1, "sync_s": 0.1, "degraded_concurrency": 1})
     install(cfg["name"], receiver.url)
     try:
@@ -318,12 +318,16 @@ def test_killed_run_is_marked_crashed_and_notified(tmp_path, small_input, receiv
     from dpipeline_prefect.alerts import install, remove
 
     src, _ = small_input
-    cfg = _cfg(tmp_path, src)
+    # ~4 s of shard work before the kill at finalize: the first heartbeat (sent at flow start
+    # through Prefect's background events client) must reach the server before the SIGKILL;
+    # on a loaded CI machine a 1 s run was killed before it was flushed
+    cfg = _cfg(tmp_path, src, transforms=["tests.slow_transforms:slow_clean"])
     y = write_yaml(tmp_path / "p.yaml", cfg)
     install(cfg["name"], receiver.url, crashed_after="45s")  # heartbeats every 30 s below
     try:
         r = run_cli("run", str(y), "--run-key", "kill", "--summary-json", str(tmp_path / "s.json"),
-                    env={"DPIPELINE_CRASHPOINT": "finalize", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+                    env={"DPIPELINE_CRASHPOINT": "finalize", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                         "DPIPELINE_TEST_PAUSE_S": "1.0"})
         assert r.returncode == -9, (r.returncode, r.stderr)  # killed, so no summary
         msg = receiver.wait_for(lambda m: "Crashed" in m.get("subject", ""), timeout=150)
         assert msg is not None, f"no crash notification within 150 s; got {receiver.got}"

@@ -68,6 +68,10 @@ class DaskProcesses:
         """The documented way: one worker process, the library preloaded, the flow's
         PREFECT_API_URL and PYTHONPATH inherited (``env`` overrides; None removes a variable)."""
         full = dict(os.environ)
+        # the workers run in a scratch folder: the user's code (here the tests' transforms)
+        # must be importable there, as docs/operations.md tells users to arrange
+        here = str(Path(__file__).resolve().parent.parent)
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (here, full.get("PYTHONPATH")) if p)
         for k, v in (env or {}).items():
             if v is None:
                 full.pop(k, None)
